@@ -1,0 +1,27 @@
+# The two commands README.md opens with. Each creates .venv and installs what it needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## the whole mesh (today: a worker plus a producer demo)
+	$(BIN)/meetmesh demo
+
+test: $(STAMP)  ## lint, types, then the test suite against the machine's real servers
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/meetmesh bench queue
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""gateway (built in a later issue)."""

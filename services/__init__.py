@@ -1,0 +1,1 @@
+"""services (built in a later issue)."""

@@ -1,0 +1,1 @@
+"""services/ai (built in a later issue)."""

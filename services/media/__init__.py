@@ -1,0 +1,1 @@
+"""services/media (built in a later issue)."""

@@ -1,0 +1,1 @@
+"""services/meeting (built in a later issue)."""

@@ -1,0 +1,1 @@
+"""services/user (built in a later issue)."""

@@ -1,0 +1,273 @@
+"""``meetmesh``: the single front door for everything an operator runs."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BusError
+from .message import PRIORITIES
+from .queue import Queue
+from .settings import BusSettings
+from .worker import Worker
+
+T = TypeVar("T")
+app = typer.Typer(help="MeetMesh: event bus and service mesh for real-time meeting apps.",
+                  no_args_is_help=True, add_completion=False)
+queue_app = typer.Typer(help="Inspect and operate queues.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters: list, replay, purge.", no_args_is_help=True)
+task_app = typer.Typer(help="One task: show, cancel.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (print a table, or JSON with --json).", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(task_app, name="task")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+QueueName = Annotated[str, typer.Argument(help="Queue name.")]
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on uvloop when available; turn BusErrors into one-line exits."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(main())
+    except BusError as exc:
+        sys.exit(f"meetmesh: {exc}")
+
+
+def open_queue(name: str, **options: Any) -> Callable[[Callable[[Queue], Awaitable[T]]], T]:
+    """``open_queue("q")(fn)`` connects (or starts a private Redis), runs ``await fn(queue)``, closes."""
+
+    def call(fn: Callable[[Queue], Awaitable[T]]) -> T:
+        async def main() -> T:
+            from .embedded import ensure_redis
+
+            settings = BusSettings.load()
+            _, redis = await ensure_redis(settings.redis_url)
+            try:
+                return await fn(Queue(name, redis, prefix=settings.key_prefix, **options))
+            finally:
+                await redis.aclose()
+
+        return run(main)
+
+    return call
+
+
+def load_app(spec: str) -> Mapping[str, Any]:
+    """``module:object`` -> a Router/mapping of handlers (a callable is called to get one)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise typer.BadParameter(f"{spec!r}: use module:object, e.g. services.media.worker:router")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise typer.BadParameter(f"cannot load {spec!r}: {exc}") from exc
+    if callable(obj) and not isinstance(obj, Mapping):
+        obj = obj()
+    if not isinstance(obj, Mapping):
+        raise typer.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a Router of handlers")
+    return obj
+
+
+def echo_json(value: Any) -> None:
+    print(json.dumps(value, default=str, indent=2))
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option(help="Queue to consume.")],
+    app_spec: Annotated[str, typer.Option("--app", help="module:object holding a Router of handlers.")],
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers running at once.")] = 100,
+    lease: Annotated[float, typer.Option(help="Lease (visibility timeout), seconds.")] = 30.0,
+    grace: Annotated[float, typer.Option(help="SIGTERM grace period, seconds.")] = 30.0,
+    max_retries: Annotated[int, typer.Option(min=0, help="Default retries per message.")] = 3,
+    timeout: Annotated[float, typer.Option(help="Default handler timeout, seconds.")] = 300.0,
+    aging: Annotated[float | None, typer.Option(help="Promote a waiting message one level per N s.")] = None,
+) -> None:
+    """Run one worker process for QUEUE until SIGTERM/SIGINT (graceful: in-flight work finishes)."""
+    handlers = load_app(app_spec)
+    settings = BusSettings.load()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main(q: Queue) -> None:
+        w = Worker(q, handlers, concurrency=concurrency, lease_seconds=lease, grace_seconds=grace)
+        w.install_signal_handlers()
+        await w.run()
+
+    options = {"max_retries": max_retries, "timeout": timeout, "lease_seconds": lease, "aging_seconds": aging}
+    open_queue(queue, **options)(main)
+
+
+@app.command()
+def enqueue(
+    queue: QueueName,
+    type: Annotated[str, typer.Argument(help="Message type, e.g. media.cover.")],
+    data: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
+    priority: Annotated[str, typer.Option(help="critical, high, normal or low.")] = "normal",
+    delay: Annotated[float | None, typer.Option(help="Seconds to hold it back.")] = None,
+    dedupe_key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Enqueue one message."""
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--data is not JSON: {exc}") from exc
+
+    async def main(q: Queue) -> None:
+        done = await q.enqueue(type, payload, priority=priority, delay=delay, dedupe_key=dedupe_key)
+        if as_json:
+            echo_json({"id": done.id, "created": done.created, "position": done.position})
+        else:
+            console.print(f"{'enqueued' if done.created else 'already queued'} {done.id} "
+                          f"(position {done.position})")
+
+    open_queue(queue)(main)
+
+
+@queue_app.command("stats")
+def queue_stats(name: QueueName, as_json: JsonFlag = False) -> None:
+    """Depth per level, delayed, in flight, dead letters, consumers, counters, rates, latency."""
+
+    async def main(q: Queue) -> None:
+        s = await q.stats()
+        if as_json:
+            echo_json(s.model_dump(mode="json"))
+            return
+        t = Table(title=f"queue {name}{' (paused)' if s.paused else ''}")
+        for col in ("critical", "high", "normal", "low", "delayed", "in flight", "dead", "consumers"):
+            t.add_column(col, justify="right")
+        t.add_row(*(str(s.depth[p]) for p in PRIORITIES), str(s.delayed), str(s.in_flight),
+                  str(s.dead_letters), str(s.consumers))
+        console.print(t)
+        lat = s.latency
+        console.print(f"processed {s.processed} ({s.processed_per_s:.1f}/s), failed {s.failed}, "
+                      f"retried {s.retried}, cancelled {s.cancelled}, reclaimed {s.reclaimed}; "
+                      f"start latency p50/p95/p99 {lat.p50_ms}/{lat.p95_ms}/{lat.p99_ms} ms")
+
+    open_queue(name)(main)
+
+
+@queue_app.command("pause")
+def queue_pause(name: QueueName) -> None:
+    """Stop workers from taking messages from NAME."""
+    open_queue(name)(lambda q: q.pause())
+    console.print(f"paused {name}")
+
+
+@queue_app.command("resume")
+def queue_resume(name: QueueName) -> None:
+    """Let workers take messages from NAME again."""
+    open_queue(name)(lambda q: q.resume())
+    console.print(f"resumed {name}")
+
+
+@dlq_app.command("list")
+def dlq_list(name: QueueName, limit: int = 50, as_json: JsonFlag = False) -> None:
+    """Dead letters of NAME, oldest first, with their errors."""
+    records = open_queue(name)(lambda q: q.dead_letters(limit))
+    if as_json:
+        echo_json([r.model_dump(mode="json") for r in records])
+        return
+    t = Table(title=f"dead letters of {name}")
+    for col in ("id", "type", "status", "attempts", "error"):
+        t.add_column(col)
+    for r in records:
+        err = f"{r.error.code}: {r.error.message}" if r.error else ""
+        t.add_row(r.id, r.type, r.status.value, str(r.attempts), err[:80])
+    console.print(t)
+
+
+@dlq_app.command("replay")
+def dlq_replay(name: QueueName, id: Annotated[list[str] | None, typer.Option(help="Only these ids.")] = None
+               ) -> None:
+    """Send dead letters (all, or --id ...) back to their queue with fresh attempts."""
+    n = open_queue(name)(lambda q: q.replay_dead(id or None))
+    console.print(f"replayed {n} dead letter(s) of {name}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(name: QueueName, id: Annotated[list[str] | None, typer.Option(help="Only these ids.")] = None
+              ) -> None:
+    """Delete dead letters (all, or --id ...) for good."""
+    n = open_queue(name)(lambda q: q.purge_dead(id or None))
+    console.print(f"purged {n} dead letter(s) of {name}")
+
+
+@task_app.command("show")
+def task_show(queue: QueueName, task_id: str, as_json: JsonFlag = False) -> None:
+    """A task's record: status, position, attempts, progress, result or error."""
+    record = open_queue(queue)(lambda q: q.get(task_id))
+    if as_json:
+        echo_json(record.model_dump(mode="json", exclude={"message"}))
+    else:
+        console.print(record.model_dump(exclude={"message"}))
+
+
+@task_app.command("cancel")
+def task_cancel(queue: QueueName, task_id: str) -> None:
+    """Cancel a queued, delayed or running task."""
+    before = open_queue(queue)(lambda q: q.cancel(task_id))
+    console.print(f"task {task_id} was {before.value}" + ("" if before.terminal else "; now cancelled"))
+
+
+@app.command()
+def demo(
+    queue: Annotated[str, typer.Option(help="Queue the demo uses.")] = "demo",
+    jobs: Annotated[int, typer.Option(min=1, help="Messages per round.")] = 40,
+    rounds: Annotated[int, typer.Option(min=0, help="Rounds to run (0: until Ctrl-C).")] = 0,
+) -> None:
+    """A worker plus a producer: watch messages of all four priorities flow, highest first."""
+    from .demo import run_demo
+
+    open_queue(queue, max_retries=2, retry_base_seconds=0.2)(lambda q: run_demo(q, jobs, rounds, console))
+
+
+def _bench_queue(jobs: int, concurrency: int, rate: float, as_json: bool) -> None:
+    from .bench import bench_queue
+
+    settings = BusSettings.load()
+    result = run(lambda: bench_queue(settings.redis_url, jobs=jobs, concurrency=concurrency, rate=rate))
+    if as_json:
+        echo_json(result)
+    else:
+        for key, value in result.items():
+            console.print(f"{key:>28}: {value}")
+
+
+@bench_app.command("queue")
+def bench_queue_cmd(
+    jobs: Annotated[int, typer.Option(min=100, help="Jobs per throughput phase.")] = 20_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 100,
+    rate: Annotated[float, typer.Option(help="Fixed arrival rate for the latency phase, jobs/s.")] = 500.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Enqueue rate (single, batched), one worker process's drain rate, start latency at a fixed rate."""
+    _bench_queue(jobs, concurrency, rate, as_json)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+
+

@@ -1,0 +1,60 @@
+"""Every Redis key and channel the bus uses, built here and nowhere else.
+
+All keys of one queue share the hash tag ``{name}`` (``mm:{orders}:ready``), so every script
+touches a single Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidMessage
+
+DEFAULT_PREFIX = "mm"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Queue names and prefixes: 1-100 of ``A-Z a-z 0-9 . _ : -``, so they can never break a hash tag."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidMessage(f"invalid {kind} {value!r}: use 1-100 characters from A-Z a-z 0-9 . _ : -")
+    return value
+
+
+class QueueKeys:
+    """The keys of one queue. ``task(id)`` is the per-message record hash."""
+
+    __slots__ = (
+        "control", "dead", "dedupe_prefix", "delayed", "depth", "events", "latency", "leases",
+        "name", "paused", "rate_prefix", "ready", "stats", "tag", "task_prefix", "wake", "workers",
+    )
+
+    def __init__(self, name: str, prefix: str = DEFAULT_PREFIX) -> None:
+        self.name = check_name("queue name", name)
+        tag = f"{check_name('key prefix', prefix)}:{{{name}}}"
+        self.tag = tag
+        self.ready = f"{tag}:ready"          # zset id -> order score (level * weight + ready time)
+        self.delayed = f"{tag}:delayed"      # zset id -> due time (ms)
+        self.leases = f"{tag}:leases"        # zset id -> lease deadline (ms)
+        self.dead = f"{tag}:dead"            # zset id -> time it died (ms)
+        self.depth = f"{tag}:depth"          # hash level -> ready count
+        self.stats = f"{tag}:stats"          # hash of counters (enqueued, processed, failed, ...)
+        self.paused = f"{tag}:paused"        # string, present while paused
+        self.events = f"{tag}:events"        # stream of every status change
+        self.latency = f"{tag}:latency"      # list of recent start-latency samples (ms)
+        self.workers = f"{tag}:workers"      # zset worker id -> last heartbeat (ms)
+        self.wake = f"{tag}:wake"            # pub/sub channel: there is new work
+        self.control = f"{tag}:control"      # pub/sub channel: cancel this running task
+        self.task_prefix = f"{tag}:task:"    # + id: hash, the task record
+        self.dedupe_prefix = f"{tag}:dedupe:"  # + dedupe key: the first message's id
+        self.rate_prefix = f"{tag}:rate:"    # + epoch second: hash of per-second counters
+
+    def task(self, task_id: str) -> str:
+        return self.task_prefix + task_id
+
+    def rate(self, second: int) -> str:
+        return f"{self.rate_prefix}{second}"
+
+    def all_patterns(self) -> list[str]:
+        """SCAN patterns that match every key of this queue (for purge and test clean-up)."""
+        return [self.tag.replace("{", "\\{").replace("}", "\\}") + ":*"]

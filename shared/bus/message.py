@@ -1,0 +1,162 @@
+"""Messages, priorities, task statuses and task records: the data every part of the bus shares."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import IllegalTransition, InvalidMessage
+
+_counter = itertools.count()
+_lock = threading.Lock()
+_node = os.urandom(3).hex()
+
+
+def new_id() -> str:
+    """A 24-hex-character id that sorts by creation time (ms), then by a per-process counter.
+
+    Sortable ids keep FIFO order within one millisecond, where the ready set breaks ties by member.
+    """
+    with _lock:
+        n = next(_counter) & 0xFFFFFF
+    return f"{time.time_ns() // 1_000_000:012x}{n:06x}{_node}"
+
+
+def new_traceparent() -> str:
+    """A fresh W3C ``traceparent`` (version 00, sampled)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+class Priority(StrEnum):
+    """The four strict levels, highest first."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def level(self) -> int:
+        """0 for critical ... 3 for low: lower is served first."""
+        return _LEVELS[self]
+
+    @classmethod
+    def parse(cls, value: Priority | str | int) -> Priority:
+        """Accept a member, its name (any case) or its level 0-3; anything else is `InvalidMessage`."""
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(_ORDER):
+            return _ORDER[value]
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        raise InvalidMessage(f"invalid priority {value!r}: use one of {', '.join(p.value for p in _ORDER)}")
+
+
+_ORDER = (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+_LEVELS = {p: i for i, p in enumerate(_ORDER)}
+PRIORITIES = _ORDER
+
+
+class TaskStatus(StrEnum):
+    """Where a task is. Terminal statuses never change again (a dead letter can be replayed)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"  # rejected by its handler; kept in the dead-letter queue
+    DEAD = "dead"  # out of retries; kept in the dead-letter queue
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"  # its last attempt ran past its timeout; kept in the dead-letter queue
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    def check(self, target: TaskStatus) -> None:
+        """Raise `IllegalTransition` unless moving from this status to ``target`` is allowed."""
+        if target not in _MOVES[self]:
+            raise IllegalTransition(f"a task cannot go from {self.value} to {target.value}")
+
+
+_TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED,
+                       TaskStatus.TIMEOUT})
+_DEAD_LETTERED = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.TIMEOUT})
+# The Lua scripts implement these moves; this table documents them and guards client-side moves.
+_MOVES: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.QUEUED: frozenset({TaskStatus.PROCESSING, TaskStatus.CANCELLED, TaskStatus.DEAD}),
+    TaskStatus.PROCESSING: frozenset({TaskStatus.QUEUED, *_TERMINAL}),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+    **{s: frozenset({TaskStatus.QUEUED}) for s in _DEAD_LETTERED},  # replay
+}
+
+
+class Message(BaseModel):
+    """One unit of work. Everything but ``type`` has a sensible default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    id: str = Field(default_factory=new_id, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    type: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    priority: Priority = Priority.NORMAL
+    payload: Any = None
+    created_at: float = Field(default_factory=time.time)
+    attempts: int = Field(default=0, ge=0)
+    max_retries: int | None = Field(default=None, ge=0, le=1000)
+    timeout: float | None = Field(default=None, gt=0)
+    dedupe_key: str | None = Field(default=None, min_length=1, max_length=512)
+    trace: dict[str, str] = Field(default_factory=lambda: {"traceparent": new_traceparent()})
+    owner: str | None = Field(default=None, max_length=256)
+    stage: int = Field(default=0, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, value: Any) -> Priority:
+        return Priority.parse(value)
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.trace.get("traceparent")
+
+
+class TaskError(BaseModel):
+    """Why an attempt or a task failed."""
+
+    code: str
+    message: str
+    traceback: str | None = None
+
+
+class TaskRecord(BaseModel):
+    """The recorded state of one task, as stored in Redis and shown to clients and operators."""
+
+    id: str
+    queue: str
+    type: str
+    status: TaskStatus
+    priority: Priority
+    owner: str | None = None
+    attempts: int = 0
+    max_retries: int = 0
+    stage: int = 0
+    position: int | None = None  # messages that will be served before this one (queued only)
+    progress: float | None = None
+    result: Any = None
+    error: TaskError | None = None
+    enqueued_at: float | None = None
+    ready_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    message: Message | None = None

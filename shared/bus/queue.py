@@ -1,0 +1,370 @@
+"""The reliable priority queue on Redis: what producers, workers and operators call.
+
+Data layout (all keys in `keys.QueueKeys`, one hash tag per queue):
+
+- ``ready``: one sorted set ordered by ``level * level_weight + ready time (ms)``, ties broken by
+  the time-sortable id. Without aging ``level_weight`` is centuries, so levels are strict and each
+  level is FIFO; with ``aging_seconds`` it is that many ms, so a message that has waited that long
+  competes as if it were one level higher (two periods: two levels), and low never starves.
+- ``delayed`` (due time), ``leases`` (lease deadline), ``dead`` (time of death): sorted sets of ids.
+- one hash per task (the record), which outlives the message by ``record_ttl`` once it is finished.
+
+Every state change happens inside one Lua script and is appended to the queue's event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError, to_json
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound
+from .keys import DEFAULT_PREFIX, QueueKeys
+from .message import Message, TaskRecord, TaskStatus
+from .records import QueueStats, parse_record, parse_stats
+from .scripts import Scripts
+
+STRICT_LEVEL_WEIGHT_MS = 10**13  # ~317 years: no message ever ages past a level
+MAX_BATCH_ARGS = 9 * 1000  # messages per enqueue script call
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What ``enqueue`` answers: the id (the first message's, when deduplicated) and its position."""
+
+    id: str
+    created: bool
+    position: int | None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A leased message, as a worker receives it. ``token`` fences this delivery's settlement.
+
+    ``message`` is None when the stored body could not be parsed; ``error`` then says why.
+    """
+
+    id: str
+    token: str
+    message: Message | None
+    error: str | None = None
+
+
+def _ms(seconds: float) -> int:
+    return max(0, math.ceil(seconds * 1000))
+
+
+class Queue:
+    """A named priority queue. Cheap to create; all state lives in Redis.
+
+    Per-queue defaults apply to messages that do not set their own ``max_retries`` or ``timeout``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        redis: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_retries: int = 3,
+        timeout: float = 300.0,
+        lease_seconds: float = 30.0,
+        aging_seconds: float | None = None,
+        retry_base_seconds: float = 1.0,
+        retry_cap_seconds: float = 300.0,
+        record_ttl: float = 86_400.0,
+        dedupe_ttl: float = 3_600.0,
+        max_message_bytes: int = 1 << 20,
+        events_maxlen: int = 10_000,
+    ) -> None:
+        if aging_seconds is not None and aging_seconds <= 0:
+            raise ValueError("aging_seconds must be > 0 (or None for strict levels)")
+        if lease_seconds <= 0 or timeout <= 0:
+            raise ValueError("lease_seconds and timeout must be > 0")
+        self.name = name
+        self.keys = QueueKeys(name, prefix)
+        self.redis = redis
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.lease_seconds = lease_seconds
+        self.aging_seconds = aging_seconds
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_cap_seconds = retry_cap_seconds
+        self.record_ttl = record_ttl
+        self.dedupe_ttl = dedupe_ttl
+        self.max_message_bytes = max_message_bytes
+        self.events_maxlen = events_maxlen
+        self._weight = _ms(aging_seconds) if aging_seconds else STRICT_LEVEL_WEIGHT_MS
+        self._scripts = Scripts(redis)
+        k = self.keys
+        self._enqueue_keys = [k.ready, k.delayed, k.depth, k.events, k.stats]
+        self._dequeue_keys = [k.ready, k.delayed, k.leases, k.depth, k.events, k.paused, k.latency,
+                              k.dead, k.stats]
+        self._settle_keys = [k.leases, k.ready, k.delayed, k.depth, k.events, k.dead, k.stats]
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r})"
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts.run(script, keys, args)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
+
+    # -- producing ------------------------------------------------------------------------------
+
+    def message(self, type: str, payload: Any = None, **fields: Any) -> Message:
+        """Build a `Message`, turning pydantic's validation error into `InvalidMessage`."""
+        try:
+            return Message(type=type, payload=payload, **fields)
+        except ValidationError as exc:
+            raise InvalidMessage(f"invalid message: {_first_error(exc)}") from exc
+
+    async def enqueue(
+        self,
+        type: str | Message,
+        payload: Any = None,
+        *,
+        delay: float | None = None,
+        at: float | None = None,
+        dedupe_ttl: float | None = None,
+        **fields: Any,
+    ) -> Enqueued:
+        """Enqueue one message; ``fields`` are `Message` fields (priority, owner, dedupe_key ...).
+
+        ``delay`` (seconds) or ``at`` (epoch seconds) hold it back until then.
+        """
+        message = type if isinstance(type, Message) else self.message(type, payload, **fields)
+        return (await self.enqueue_many([message], delay=delay, at=at, dedupe_ttl=dedupe_ttl))[0]
+
+    async def enqueue_many(
+        self,
+        messages: Iterable[Message],
+        *,
+        delay: float | None = None,
+        at: float | None = None,
+        dedupe_ttl: float | None = None,
+    ) -> list[Enqueued]:
+        """Enqueue a batch atomically per 1,000 messages, in one round trip each. Validates all first."""
+        delay_ms = self._delay_ms(delay, at)
+        ttl_ms = str(_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
+        args: list[Any] = []
+        for m in messages:
+            args += self._pack(m, delay_ms, ttl_ms)
+        if not args:
+            return []
+        head = [self.keys.task_prefix, self.keys.dedupe_prefix, self._weight, self.events_maxlen,
+                self.keys.wake]
+        out: list[Enqueued] = []
+        for i in range(0, len(args), MAX_BATCH_ARGS):
+            flat = await self._run("enqueue", self._enqueue_keys, head + args[i:i + MAX_BATCH_ARGS])
+            out += [Enqueued(flat[j], bool(flat[j + 1]), None if flat[j + 2] < 0 else flat[j + 2])
+                    for j in range(0, len(flat), 3)]
+        return out
+
+    def _pack(self, m: Message, delay_ms: int, ttl_ms: str) -> list[Any]:
+        try:
+            body = m.model_dump_json()
+        except PydanticSerializationError as exc:
+            raise InvalidMessage(f"payload of {m.type!r} is not JSON-serialisable: {exc}") from exc
+        size = len(body) if body.isascii() else len(body.encode())
+        if size > self.max_message_bytes:
+            raise MessageTooLarge(size, self.max_message_bytes)
+        retries = self.max_retries if m.max_retries is None else m.max_retries
+        return [m.id, m.priority.level, delay_ms, m.dedupe_key or "", ttl_ms, retries, m.type,
+                m.owner or "", body]
+
+    @staticmethod
+    def _delay_ms(delay: float | None, at: float | None) -> int:
+        if delay is not None and at is not None:
+            raise InvalidMessage("give delay or at, not both")
+        if at is not None:
+            delay = at - time.time()
+        if delay is None:
+            return 0
+        if not math.isfinite(delay):
+            raise InvalidMessage(f"invalid delay {delay!r}")
+        return _ms(delay)
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord:
+        """The task's `TaskRecord` (with its position while queued); raises `TaskNotFound`."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k.task(task_id))
+            pipe.zrank(k.ready, task_id)
+            pipe.zrank(k.delayed, task_id)
+            pipe.zcard(k.ready)
+            raw, rank, delayed_rank, ready_count = await pipe.execute()
+        if not raw:
+            raise TaskNotFound(task_id)
+        position = rank if rank is not None else (
+            ready_count + delayed_rank if delayed_rank is not None else None)
+        return parse_record(self.name, task_id, raw, position)
+
+    async def cancel(self, task_id: str, reason: str = "cancelled by request") -> TaskStatus:
+        """Cancel a queued, delayed or running task; returns the status it had before.
+
+        A finished task is left alone (its status is returned); an unknown id raises `TaskNotFound`.
+        """
+        k = self.keys
+        code, before = await self._run(
+            "cancel", [k.task(task_id), k.ready, k.delayed, k.leases, k.depth, k.events, k.stats],
+            [task_id, _ms(self.record_ttl), self.events_maxlen, k.control, reason])
+        if code < 0:
+            raise TaskNotFound(task_id)
+        return TaskStatus(before)
+
+    async def wait(self, task_id: str, timeout: float = 30.0, poll: float = 0.02) -> TaskRecord:
+        """Poll until the task reaches a terminal status; returns its record or raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.get(task_id)
+            if record.status.terminal:
+                return record
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_id} still {record.status.value} after {timeout}s")
+            await asyncio.sleep(poll)
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 100, offset: int = 0) -> list[TaskRecord]:
+        """Dead letters, oldest first, each with its error and traceback."""
+        ids = await self.redis.zrange(self.keys.dead, offset, offset + limit - 1)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(task_id))
+            raws = await pipe.execute()
+        return [parse_record(self.name, i, raw, None) for i, raw in zip(ids, raws, strict=True) if raw]
+
+    async def replay_dead(self, ids: Sequence[str] | None = None, limit: int = 1000) -> int:
+        """Send dead letters (these ids, or the oldest ``limit``) back to their level; returns how many."""
+        k = self.keys
+        return int(await self._run("replay", [k.dead, k.ready, k.depth, k.events, k.stats],
+                                   [k.task_prefix, self._weight, self.events_maxlen, k.wake, limit,
+                                    *(ids or [])]))
+
+    async def purge_dead(self, ids: Sequence[str] | None = None, limit: int = 10_000) -> int:
+        """Delete dead letters (these ids, or the oldest ``limit``) and their records."""
+        return int(await self._run("purge", [self.keys.dead], [self.keys.task_prefix, limit, *(ids or [])]))
+
+    # -- operations -----------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Workers stop taking messages from this queue (running ones finish)."""
+        await self.redis.set(self.keys.paused, "1")
+
+    async def resume(self) -> None:
+        await self.redis.delete(self.keys.paused)
+        await self.redis.publish(self.keys.wake, "resume")
+
+    async def is_paused(self) -> bool:
+        return bool(await self.redis.exists(self.keys.paused))
+
+    async def stats(self, window: int = 60) -> QueueStats:
+        """Depths, counters, per-second rates over the last ``window`` seconds, start-latency percentiles."""
+        k = self.keys
+        now = time.time()
+        second = int(now)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k.depth)
+            pipe.zcard(k.delayed)
+            pipe.zcard(k.leases)
+            pipe.zcard(k.dead)
+            pipe.zcount(k.workers, (now - 15) * 1000, "+inf")
+            pipe.hgetall(k.stats)
+            pipe.exists(k.paused)
+            pipe.lrange(k.latency, 0, -1)
+            for s in range(second - window + 1, second + 1):
+                pipe.hgetall(k.rate(s))
+            depth, delayed, leases, dead, workers, counters, paused, lat, *rates = await pipe.execute()
+        return parse_stats(self.name, depth, delayed, leases, dead, workers, counters, paused, lat, rates,
+                           window)
+
+    async def events(self, last_id: str = "$", block_ms: int = 1000, count: int = 100) -> list[Any]:
+        """Read status-change events after ``last_id`` from the queue's stream (blocking up to block_ms)."""
+        answer = await self.redis.xread({self.keys.events: last_id}, count=count, block=block_ms)
+        return [(entry_id, fields) for _, entries in answer for entry_id, fields in entries]
+
+    async def drop(self) -> int:
+        """Delete every key of this queue (tests and tear-down). Returns the number of keys deleted."""
+        deleted = 0
+        for pattern in self.keys.all_patterns():
+            async for key in self.redis.scan_iter(match=pattern, count=1000):
+                deleted += await self.redis.delete(key)
+        return deleted
+
+    # -- the worker's side ----------------------------------------------------------------------
+
+    async def dequeue(self, count: int, worker: str, lease_seconds: float | None = None
+                      ) -> tuple[list[Delivery], float | None]:
+        """Lease up to ``count`` messages. Returns them and the seconds until something else is due."""
+        lease = _ms(lease_seconds or self.lease_seconds)
+        flat = await self._run("dequeue", self._dequeue_keys,
+                               [self.keys.task_prefix, count, lease, worker, self.events_maxlen,
+                                self._weight])
+        deliveries = []
+        for i in range(1, len(flat), 4):
+            task_id, raw, attempts, token = flat[i], flat[i + 1], flat[i + 2], str(flat[i + 3])
+            try:
+                message = Message.model_validate_json(raw)
+            except ValueError as exc:
+                deliveries.append(Delivery(task_id, token, None, f"malformed message: {_first_error(exc)}"))
+                continue
+            message.attempts = attempts
+            deliveries.append(Delivery(task_id, token, message))
+        return deliveries, (None if flat[0] < 0 else flat[0] / 1000)
+
+    async def settle(self, entries: list[Any]) -> list[int]:
+        """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-7.lua."""
+        if not entries:
+            return []
+        k = self.keys
+        return list(await self._run("settle", self._settle_keys,
+                                    [k.task_prefix, _ms(self.record_ttl), self.events_maxlen,
+                                     self._weight, k.wake, k.rate_prefix, *entries]))
+
+    async def renew(self, worker: str, held: Iterable[tuple[str, str]], lease_seconds: float | None = None
+                    ) -> list[str]:
+        """Extend the leases in ``held`` (id, token) and heartbeat; returns the ids no longer held."""
+        args: list[Any] = [self.keys.task_prefix, _ms(lease_seconds or self.lease_seconds), worker]
+        for task_id, token in held:
+            args += (task_id, token)
+        return list(await self._run("renew", [self.keys.leases, self.keys.workers], args))
+
+    async def progress(self, task_id: str, token: str, progress: float | None, delta: str = "") -> bool:
+        """Record progress (0..1) and/or a streamed ``delta`` of a running task."""
+        if progress is not None and not 0.0 <= progress <= 1.0:
+            raise InvalidMessage(f"progress must be between 0 and 1, not {progress!r}")
+        k = self.keys
+        done = await self._run("progress", [k.task(task_id), k.events],
+                               [task_id, token, "" if progress is None else repr(float(progress)), delta,
+                                self.events_maxlen])
+        return bool(done)
+
+    async def forget_worker(self, worker: str) -> None:
+        await self.redis.zrem(self.keys.workers, worker)
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a handler's result or an error (pydantic-core: fast, and knows datetimes etc.)."""
+    return to_json(value).decode()
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError) and exc.errors():
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        return f"{where}: {err['msg']}"
+    return str(exc)
+
+

@@ -1,0 +1,35 @@
+"""The Lua scripts, loaded once per Redis client from the package's ``lua/`` folder.
+
+Each ``lua/<command>-<numkeys>.lua`` opens with a header listing its KEYS, ARGV and return value;
+``_lib.lua`` (helpers shared by all of them) is prepended at load time.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+_NAMES = ("cancel-7", "dequeue-9", "enqueue-5", "progress-2", "purge-1", "renew-2", "replay-5", "settle-7")
+
+
+@cache
+def source(name: str) -> str:
+    """The full text of one script, helpers included."""
+    lua = files(__package__) / "lua"
+    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Scripts:
+    """The bus's scripts registered on one client; ``scripts.enqueue(keys, args)`` runs one."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._scripts: dict[str, AsyncScript] = {
+            name.rsplit("-", 1)[0]: redis.register_script(source(name)) for name in _NAMES
+        }
+
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._scripts[name](keys=keys, args=args)

@@ -1,0 +1,27 @@
+"""Settings read once from the environment (``MEETMESH_*``), failing loudly with the variable's name."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+
+class BusSettings(BaseSettings):
+    """``MEETMESH_REDIS_URL`` and friends."""
+
+    model_config = SettingsConfigDict(env_prefix="MEETMESH_", extra="ignore")
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    key_prefix: str = "mm"
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls) -> BusSettings:
+        try:
+            return cls()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = "MEETMESH_" + str(err["loc"][0]).upper()
+            raise ConfigError(f"{name}: {err['msg']}") from exc

@@ -1,0 +1,324 @@
+"""The worker: leases messages in batches, runs their handlers, settles outcomes in batches.
+
+One fetch loop leases up to the free capacity per round trip; each message runs in its own task;
+finished outcomes are group-committed by one settle loop (a settle round trip carries everything
+that finished while the previous one was in flight); one renew loop extends every held lease and
+heartbeats. A pub/sub subscription wakes the fetch loop on new work and delivers cancel requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import random
+import signal
+import socket
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic_core import PydanticSerializationError
+
+from .errors import BusConnectionError, RateLimited, Reject, Retry
+from .handlers import Context, Handler, Router
+from .limiter import AdaptiveLimiter
+from .queue import Delivery, Queue, dumps
+
+log = logging.getLogger("meetmesh.worker")
+TRACEBACK_LIMIT = 8192
+
+
+def _error(code: str, message: str, tb: str | None = None) -> str:
+    return dumps({"code": code, "message": message, "traceback": tb})
+
+
+class Worker:
+    """Runs the handlers of one queue. ``await worker.run()`` until ``worker.stop()`` (or SIGTERM)."""
+
+    def __init__(self, queue: Queue, handlers: Mapping[str, Handler], *, concurrency: int = 100,
+                 limiter: AdaptiveLimiter | None = None, lease_seconds: float | None = None,
+                 grace_seconds: float = 30.0, poll_seconds: float = 1.0, batch: int = 200,
+                 name: str | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.queue = queue
+        self.handlers = handlers if isinstance(handlers, Router) else Router(handlers)
+        self.concurrency = concurrency
+        self.limiter = limiter
+        self.lease_seconds = lease_seconds or queue.lease_seconds
+        self.grace_seconds = grace_seconds
+        self.poll_seconds = poll_seconds
+        self.batch = batch
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(2).hex()}"
+        self.processed = 0
+        self.failed = 0
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[str, str] = {}  # id -> delivery token, until settled
+        self._dropped: set[str] = set()  # cancelled by request or lease lost: settle nothing
+        self._releasing: set[str] = set()  # interrupted by shutdown: release the lease
+        self._pending: list[Any] = []  # flat settle entries
+        self._wake = asyncio.Event()
+        self._slot = asyncio.Event()
+        self._settle_now = asyncio.Event()
+        self._stopping = False
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking messages; ``run()`` then waits for running ones (up to the grace period)."""
+        self._stopping = True
+        self._wake.set()
+        self._slot.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def run(self) -> None:
+        if self._started:
+            raise RuntimeError("a Worker runs once")
+        self._started = True
+        pubsub = self.queue.redis.pubsub(ignore_subscribe_messages=True)
+        keys = self.queue.keys
+        await pubsub.subscribe(**{keys.wake: self._on_wake, keys.control: self._on_control})
+        helpers = [asyncio.create_task(c, name=f"worker-{n}") for n, c in (
+            ("listen", self._listen(pubsub)), ("settle", self._settle_loop()), ("renew", self._renew_loop()))]
+        log.info("worker %s consuming %r (concurrency %d)", self.id, self.queue.name, self.concurrency)
+        try:
+            await self._fetch_loop()
+        finally:
+            await self._drain()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await self._flush()
+            try:
+                await self.queue.forget_worker(self.id)
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except Exception:  # shutting down anyway; leases will expire on their own
+                log.warning("worker %s: could not deregister cleanly", self.id, exc_info=True)
+            log.info("worker %s stopped (processed %d, failed %d)", self.id, self.processed, self.failed)
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        if self._running:
+            _, pending = await asyncio.wait(list(self._running.values()), timeout=self.grace_seconds)
+            for task in pending:
+                self._releasing.add(task.get_name())
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        return min(self.concurrency, self.limiter.limit) if self.limiter else self.concurrency
+
+    async def _fetch_loop(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            free = min(self._capacity() - len(self._running), self.batch)
+            if free <= 0:
+                self._slot.clear()
+                await self._slot.wait()
+                continue
+            self._wake.clear()
+            try:
+                deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds)
+            except BusConnectionError as exc:
+                log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.05
+            for delivery in deliveries:
+                self._start(delivery)
+            if len(deliveries) < free:  # drained (or paused): sleep until woken or something is due
+                timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in + 0.001)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
+
+    def _start(self, delivery: Delivery) -> None:
+        self._held[delivery.id] = delivery.token
+        if delivery.message is None:  # unparseable body: bury it with the reason, keep going
+            self._settle(delivery, "fail", _error("malformed", delivery.error or "malformed message"), "dead")
+            return
+        task = asyncio.create_task(self._execute(delivery), name=delivery.id)
+        self._running[delivery.id] = task
+
+    def _on_wake(self, _message: Any) -> None:
+        self._wake.set()
+
+    def _on_control(self, message: Any) -> None:
+        task_id = message["data"]
+        task = self._running.get(task_id)
+        if task is not None:
+            self._dropped.add(task_id)
+            task.cancel()
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            try:
+                await pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection lost: the fetch loop still polls; resubscribe
+                log.warning("worker %s: pub/sub error %s; resubscribing", self.id, exc)
+                await asyncio.sleep(0.5)
+                try:
+                    await pubsub.connect()
+                except Exception:
+                    continue
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def _execute(self, delivery: Delivery) -> None:
+        message = delivery.message
+        assert message is not None
+        ctx = Context(self.queue, message, delivery.token, self.id)
+        try:
+            handler = self.handlers.get(message.type)
+            if handler is None:
+                raise Reject(f"no handler for message type {message.type!r} on queue {self.queue.name!r}")
+            async with asyncio.timeout(message.timeout or self.queue.timeout) as deadline:
+                try:
+                    if inspect.iscoroutinefunction(handler):
+                        result = await handler(ctx)
+                    else:
+                        result = await asyncio.to_thread(handler, ctx)
+                        if inspect.isawaitable(result):
+                            result = await result
+                except TimeoutError:
+                    if deadline.expired():
+                        raise
+                    raise _HandlerTimeout() from None
+        except asyncio.CancelledError:
+            if delivery.id in self._releasing:
+                self._settle(delivery, "release")
+            else:
+                self._forget(delivery.id)  # cancelled by request, or lease lost: nothing to settle
+            return
+        except TimeoutError:
+            timeout = message.timeout or self.queue.timeout
+            self._failure(delivery, "timeout", f"handler exceeded its timeout of {timeout}s", None)
+        except Reject as exc:
+            self._settle(delivery, "fail", _error("rejected", exc.reason), "failed")
+        except Retry as exc:
+            if isinstance(exc, RateLimited) and self.limiter:
+                self.limiter.report_rate_limited()
+            self._failure(delivery, "retry", exc.reason, None, exc.delay)
+        except Exception as exc:
+            tb = traceback.format_exc()[-TRACEBACK_LIMIT:]
+            self._failure(delivery, type(exc).__name__, str(exc) or repr(exc), tb)
+        else:
+            if ctx._limited and self.limiter:
+                self.limiter.report_rate_limited()
+            self._success(delivery, ctx, result)
+        finally:
+            self._running.pop(delivery.id, None)
+            self._slot.set()
+
+    def _success(self, delivery: Delivery, ctx: Context, result: Any) -> None:
+        try:
+            body = "" if result is None else dumps(result)
+        except PydanticSerializationError as exc:
+            self._settle(delivery, "fail", _error("bad_result", f"result is not JSON-serialisable: {exc}"),
+                         "failed")
+            return
+        self.processed += 1
+        nxt = ctx.next_stage
+        if nxt is None:
+            self._settle(delivery, "done", body)
+            return
+        m = nxt.message
+        retries = self.queue.max_retries if m.max_retries is None else m.max_retries
+        meta = dumps({"type": m.type, "level": m.priority.level, "max_retries": retries,
+                      "delay_ms": max(0, round(nxt.delay * 1000))})
+        self._settle(delivery, "next", m.model_dump_json(), meta)
+
+    def _failure(self, delivery: Delivery, code: str, message: str, tb: str | None,
+                 delay: float | None = None) -> None:
+        self.failed += 1
+        m = delivery.message
+        assert m is not None
+        max_retries = self.queue.max_retries if m.max_retries is None else m.max_retries
+        error = _error(code, message, tb)
+        if m.attempts <= max_retries:
+            if delay is None:  # exponential backoff with full jitter
+                cap = min(self.queue.retry_cap_seconds, self.queue.retry_base_seconds * 2 ** (m.attempts - 1))
+                delay = random.uniform(0, cap)
+            self._settle(delivery, "retry", error, str(round(delay * 1000)))
+        else:
+            self._settle(delivery, "fail", error, "timeout" if code == "timeout" else "dead")
+
+    # -- settling and leases --------------------------------------------------------------------
+
+    def _settle(self, delivery: Delivery, outcome: str, a: str = "", b: str = "") -> None:
+        self._pending += (delivery.id, delivery.token, outcome, a, b)
+        self._settle_now.set()
+
+    def _forget(self, task_id: str) -> None:
+        self._held.pop(task_id, None)
+        self._dropped.discard(task_id)
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self._settle_now.wait()
+            self._settle_now.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Settle everything pending; on a connection error keep it and try again (never drop an ack)."""
+        delay = 0.05
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self.queue.settle(batch)
+            except BusConnectionError as exc:
+                self._pending = batch + self._pending
+                log.warning("worker %s: settle failed (%s); retrying in %.2fs", self.id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for i in range(0, len(batch), 5):
+                self._forget(batch[i])
+                self._releasing.discard(batch[i])
+
+    async def _renew_loop(self) -> None:
+        interval = self.lease_seconds / 3
+        while True:
+            try:
+                lost = await self.queue.renew(self.id, list(self._held.items()), self.lease_seconds)
+            except BusConnectionError as exc:
+                log.warning("worker %s: lease renewal failed: %s", self.id, exc)
+                lost = []
+            pending_ids = set(self._pending[0::5])
+            for task_id in lost:
+                if task_id in pending_ids:
+                    continue  # settled meanwhile; the settle script decides
+                task = self._running.get(task_id)
+                if task is not None:
+                    log.warning("worker %s: lost the lease of %s; cancelling its handler", self.id, task_id)
+                    self._dropped.add(task_id)
+                    task.cancel()
+                else:
+                    self._forget(task_id)
+            await asyncio.sleep(interval)
+
+
+class _HandlerTimeout(Exception):
+    """A TimeoutError raised by the handler itself (not our deadline): an ordinary failure."""
+
+    def __str__(self) -> str:
+        return "the handler raised TimeoutError"
