@@ -52,7 +52,7 @@ def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
 async def _wait_processed(q: Queue, target: int, proc: subprocess.Popen[bytes], timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while True:
-        done = int(await q.redis.hget(q.keys.stats, "processed") or 0)
+        done = int(await q.redis.hget(q.keys.stats, "processed") or 0)  # type: ignore[misc]
         if done >= target:
             return time.time()
         if proc.poll() is not None:
@@ -92,9 +92,9 @@ async def bench_queue(url: str, *, jobs: int = 20_000, concurrency: int = 100, r
         finally:
             _stop_worker(proc)
         # one level, FIFO: the first message enqueued is the first one leased
-        started = float(await redis.hget(q.keys.task(backlog[0].id), "started")) / 1000
+        started = float(await redis.hget(q.keys.task(backlog[0].id), "started")) / 1000  # type: ignore[misc]
         out["process_per_s"] = round(jobs / (t_end - started))
-        out["processed"] = int(await redis.hget(q.keys.stats, "processed") or 0)
+        out["processed"] = int(await redis.hget(q.keys.stats, "processed") or 0)  # type: ignore[misc]
         await q.drop()
 
         # 3. start latency at a fixed arrival rate, one idle warmed-up worker

@@ -7,7 +7,7 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -37,7 +37,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts."
 QueueName = Annotated[str, typer.Argument(help="Queue name.")]
 
 
-def run(main: Callable[[], Awaitable[T]]) -> T:
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine on uvloop when available; turn BusErrors into one-line exits."""
     try:
         import uvloop

@@ -6,14 +6,41 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+
+try:
+    import hiredis
+
+    HIREDIS_PACK = hasattr(hiredis, "pack_command")
+except ImportError:  # pragma: no cover - hiredis is a dependency; this keeps a bare redis-py working
+    HIREDIS_PACK = False
 
 from .errors import BusConnectionError, ConfigError
 
 MIN_REDIS = (7, 0)
 
 
+class HiredisPackingConnection(Connection):
+    """redis-py's asyncio connection, packing commands with hiredis's C packer.
+
+    redis-py parses replies with hiredis but packs commands in pure Python (~37 us for a 28-argument
+    EVALSHA here, against ~3 us for ``hiredis.pack_command``); queue scripts take many arguments,
+    so packing dominated the client's cost per call. Only redis-py's own argument splitting is kept.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # a type hiredis does not pack (e.g. memoryview): redis-py's way
+            return super().pack_command(*args)
+
+
 def client(url: str, **options: Any) -> Redis:
     """A redis-py asyncio client for ``url`` (not yet connected), answers decoded as text."""
+    if HIREDIS_PACK and url.startswith("redis://"):
+        options.setdefault("connection_class", HiredisPackingConnection)
     try:
         redis: Redis = Redis.from_url(url, decode_responses=True, **options)
         return redis

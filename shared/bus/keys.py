@@ -25,8 +25,9 @@ class QueueKeys:
     """The keys of one queue. ``task(id)`` is the per-message record hash."""
 
     __slots__ = (
-        "control", "dead", "dedupe_prefix", "delayed", "depth", "events", "latency", "leases",
-        "name", "paused", "rate_prefix", "ready", "stats", "tag", "task_prefix", "wake", "workers",
+        "control", "dead", "dedupe_prefix", "delayed", "depth", "events", "idle", "inbox_prefix",
+        "latency", "leases", "name", "paused", "rate_prefix", "ready", "stats", "tag", "task_prefix",
+        "workers",
     )
 
     def __init__(self, name: str, prefix: str = DEFAULT_PREFIX) -> None:
@@ -43,7 +44,8 @@ class QueueKeys:
         self.events = f"{tag}:events"        # stream of every status change
         self.latency = f"{tag}:latency"      # list of recent start-latency samples (ms)
         self.workers = f"{tag}:workers"      # zset worker id -> last heartbeat (ms)
-        self.wake = f"{tag}:wake"            # pub/sub channel: there is new work
+        self.idle = f"{tag}:idle"            # zset "lease_ms:worker" -> registration deadline (ms)
+        self.inbox_prefix = f"{tag}:inbox:"  # + worker id: list of deliveries handed to an idle worker
         self.control = f"{tag}:control"      # pub/sub channel: cancel this running task
         self.task_prefix = f"{tag}:task:"    # + id: hash, the task record
         self.dedupe_prefix = f"{tag}:dedupe:"  # + dedupe key: the first message's id
@@ -51,6 +53,14 @@ class QueueKeys:
 
     def task(self, task_id: str) -> str:
         return self.task_prefix + task_id
+
+    def inbox(self, worker: str) -> str:
+        return self.inbox_prefix + worker
+
+    def layout(self) -> list[str]:
+        """The KEYS every queue script takes, in order (see lua/_lib.lua)."""
+        return [self.ready, self.delayed, self.leases, self.depth, self.events, self.paused, self.latency,
+                self.dead, self.stats, self.idle]
 
     def rate(self, second: int) -> str:
         return f"{self.rate_prefix}{second}"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import secrets
-import threading
+import random
 import time
 from enum import StrEnum
 from typing import Any
@@ -14,24 +13,28 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import IllegalTransition, InvalidMessage
 
-_counter = itertools.count()
-_lock = threading.Lock()
+_counter = itertools.count()  # next() on it is atomic under the GIL
 _node = os.urandom(3).hex()
+_random = random.Random(os.urandom(16))  # ids for tracing, not secrets: a fast PRNG is enough
 
 
 def new_id() -> str:
-    """A 24-hex-character id that sorts by creation time (ms), then by a per-process counter.
+    """A 24-hex-character id: creation time (ms), a per-process counter, a per-process random node.
 
-    Sortable ids keep FIFO order within one millisecond, where the ready set breaks ties by member.
+    Ids sort by creation time, which keeps FIFO order within one millisecond (the ready set breaks
+    score ties by member), and cannot collide, so the enqueue script need not check for them.
     """
-    with _lock:
-        n = next(_counter) & 0xFFFFFF
-    return f"{time.time_ns() // 1_000_000:012x}{n:06x}{_node}"
+    return f"{time.time_ns() // 1_000_000:012x}{next(_counter) & 0xFFFFFF:06x}{_node}"
 
 
 def new_traceparent() -> str:
     """A fresh W3C ``traceparent`` (version 00, sampled)."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return f"00-{_random.getrandbits(128):032x}-{_random.getrandbits(64):016x}-01"
+
+
+def new_trace() -> dict[str, str]:
+    """Fresh trace context: a new W3C traceparent."""
+    return {"traceparent": new_traceparent()}
 
 
 class Priority(StrEnum):
@@ -115,7 +118,7 @@ class Message(BaseModel):
     max_retries: int | None = Field(default=None, ge=0, le=1000)
     timeout: float | None = Field(default=None, gt=0)
     dedupe_key: str | None = Field(default=None, min_length=1, max_length=512)
-    trace: dict[str, str] = Field(default_factory=lambda: {"traceparent": new_traceparent()})
+    trace: dict[str, str] = Field(default_factory=new_trace)
     owner: str | None = Field(default=None, max_length=256)
     stage: int = Field(default=0, ge=0)
     headers: dict[str, str] = Field(default_factory=dict)

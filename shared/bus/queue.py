@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,13 @@ from redis.asyncio import Redis
 
 from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound
 from .keys import DEFAULT_PREFIX, QueueKeys
-from .message import Message, TaskRecord, TaskStatus
+from .message import Message, TaskRecord, TaskStatus, new_id, new_trace
 from .records import QueueStats, parse_record, parse_stats
 from .scripts import Scripts
 
 STRICT_LEVEL_WEIGHT_MS = 10**13  # ~317 years: no message ever ages past a level
-MAX_BATCH_ARGS = 9 * 1000  # messages per enqueue script call
+ARGS_PER_MESSAGE = 9  # see enqueue-10.lua
+MAX_BATCH_ARGS = ARGS_PER_MESSAGE * 1000  # 1,000 messages per enqueue script call
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +105,15 @@ class Queue:
         self.events_maxlen = events_maxlen
         self._weight = _ms(aging_seconds) if aging_seconds else STRICT_LEVEL_WEIGHT_MS
         self._scripts = Scripts(redis)
-        k = self.keys
-        self._enqueue_keys = [k.ready, k.delayed, k.depth, k.events, k.stats]
-        self._dequeue_keys = [k.ready, k.delayed, k.leases, k.depth, k.events, k.paused, k.latency,
-                              k.dead, k.stats]
-        self._settle_keys = [k.leases, k.ready, k.delayed, k.depth, k.events, k.dead, k.stats]
+        self._layout = self.keys.layout()
+        self._head = [self.keys.task_prefix, self.keys.inbox_prefix, events_maxlen, self._weight]
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
+
+    async def _run_layout(self, script: str, args: list[Any]) -> Any:
+        """Run one of the queue scripts that share the KEYS/ARGV layout of lua/_lib.lua."""
+        return await self._run(script, self._layout, self._head + args)
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -143,7 +145,8 @@ class Queue:
         ``delay`` (seconds) or ``at`` (epoch seconds) hold it back until then.
         """
         message = type if isinstance(type, Message) else self.message(type, payload, **fields)
-        return (await self.enqueue_many([message], delay=delay, at=at, dedupe_ttl=dedupe_ttl))[0]
+        return (await self.enqueue_many([message], delay=delay, at=at, dedupe_ttl=dedupe_ttl,
+                                        positions=True))[0]
 
     async def enqueue_many(
         self,
@@ -152,34 +155,90 @@ class Queue:
         delay: float | None = None,
         at: float | None = None,
         dedupe_ttl: float | None = None,
+        positions: bool = False,
     ) -> list[Enqueued]:
-        """Enqueue a batch atomically per 1,000 messages, in one round trip each. Validates all first."""
+        """Enqueue a batch: validated first (nothing is written if one is bad), then one round trip
+        per 1,000 messages, each chunk atomic, chunks sent concurrently. ``positions=True`` also
+        answers each message's position (one more lookup per message).
+        """
         delay_ms = self._delay_ms(delay, at)
         ttl_ms = str(_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
         args: list[Any] = []
         for m in messages:
-            args += self._pack(m, delay_ms, ttl_ms)
+            args.extend(self._pack(m, delay_ms, ttl_ms))
+        return await self._send(args, positions)
+
+    async def enqueue_batch(
+        self,
+        type: str,
+        payloads: Iterable[Any],
+        *,
+        delay: float | None = None,
+        at: float | None = None,
+        positions: bool = False,
+        **fields: Any,
+    ) -> list[Enqueued]:
+        """Enqueue one message of ``type`` per payload, sharing ``fields`` (priority, owner, ...).
+
+        The bulk path: the shared fields are validated once, through one `Message`, and each
+        message is then only its payload serialised into a copy of it, so building costs a few
+        microseconds a message instead of a full model validation. Nothing is written if a
+        payload does not serialise or is too large.
+        """
+        if "id" in fields or "dedupe_key" in fields:
+            raise InvalidMessage("enqueue_batch gives every message its own id and no dedupe key; "
+                                 "use enqueue_many for those")
+        proto = self.message(type, None, **fields)
+        common = proto.model_dump(mode="json", exclude_none=True,
+                                  exclude={"id", "payload", "created_at", "trace"})
+        retries = self.max_retries if proto.max_retries is None else proto.max_retries
+        head = [proto.priority.level, self._delay_ms(delay, at), "", "", retries, type, proto.owner or ""]
+        now = time.time()
+        args: list[Any] = []
+        for payload in payloads:
+            task_id = new_id()
+            fields = {**common, "id": task_id, "payload": payload, "created_at": now, "trace": new_trace()}
+            body = self._checked(proto.type, lambda f=fields: to_json(f).decode())  # type: ignore[misc]
+            args.append("+" + task_id)
+            args.extend(head)
+            args.append(body)
+        return await self._send(args, positions)
+
+    async def _send(self, args: list[Any], positions: bool) -> list[Enqueued]:
+        """Run the enqueue script over packed messages, 1,000 per call; calls run concurrently."""
         if not args:
             return []
-        head = [self.keys.task_prefix, self.keys.dedupe_prefix, self._weight, self.events_maxlen,
-                self.keys.wake]
+        head = [self.keys.dedupe_prefix, "1" if positions else "0"]
+        chunks = [args[i:i + MAX_BATCH_ARGS] for i in range(0, len(args), MAX_BATCH_ARGS)]
+        if len(chunks) == 1:
+            answers = [await self._run_layout("enqueue", head + chunks[0])]
+        else:  # concurrent: Redis runs one chunk while others are sent and answered
+            answers = await asyncio.gather(*(self._run_layout("enqueue", head + c) for c in chunks))
         out: list[Enqueued] = []
-        for i in range(0, len(args), MAX_BATCH_ARGS):
-            flat = await self._run("enqueue", self._enqueue_keys, head + args[i:i + MAX_BATCH_ARGS])
-            out += [Enqueued(flat[j], bool(flat[j + 1]), None if flat[j + 2] < 0 else flat[j + 2])
-                    for j in range(0, len(flat), 3)]
+        for chunk, (dups, where) in zip(chunks, answers, strict=True):
+            existing = {dups[j] - 1: dups[j + 1] for j in range(0, len(dups), 2)}
+            for n in range(len(chunk) // ARGS_PER_MESSAGE):
+                task_id = existing.get(n) or chunk[n * ARGS_PER_MESSAGE].lstrip("+")
+                position = where[n] if where and where[n] >= 0 else None
+                out.append(Enqueued(task_id, n not in existing, position))
         return out
 
-    def _pack(self, m: Message, delay_ms: int, ttl_ms: str) -> list[Any]:
+    def _checked(self, type: str, dump: Callable[[], str]) -> str:
+        """Serialise a message body, refusing one that is not JSON or over the size limit."""
         try:
-            body = m.model_dump_json()
+            body = dump()
         except PydanticSerializationError as exc:
-            raise InvalidMessage(f"payload of {m.type!r} is not JSON-serialisable: {exc}") from exc
+            raise InvalidMessage(f"payload of {type!r} is not JSON-serialisable: {exc}") from exc
         size = len(body) if body.isascii() else len(body.encode())
         if size > self.max_message_bytes:
             raise MessageTooLarge(size, self.max_message_bytes)
+        return body
+
+    def _pack(self, m: Message, delay_ms: int, ttl_ms: str) -> list[Any]:
+        body = self._checked(m.type, lambda: m.model_dump_json(exclude_none=True))
         retries = self.max_retries if m.max_retries is None else m.max_retries
-        return [m.id, m.priority.level, delay_ms, m.dedupe_key or "", ttl_ms, retries, m.type,
+        task_id = m.id if "id" in m.model_fields_set else "+" + m.id  # generated ids cannot collide
+        return [task_id, m.priority.level, delay_ms, m.dedupe_key or "", ttl_ms, retries, m.type,
                 m.owner or "", body]
 
     @staticmethod
@@ -248,10 +307,7 @@ class Queue:
 
     async def replay_dead(self, ids: Sequence[str] | None = None, limit: int = 1000) -> int:
         """Send dead letters (these ids, or the oldest ``limit``) back to their level; returns how many."""
-        k = self.keys
-        return int(await self._run("replay", [k.dead, k.ready, k.depth, k.events, k.stats],
-                                   [k.task_prefix, self._weight, self.events_maxlen, k.wake, limit,
-                                    *(ids or [])]))
+        return int(await self._run_layout("replay", [limit, *(ids or [])]))
 
     async def purge_dead(self, ids: Sequence[str] | None = None, limit: int = 10_000) -> int:
         """Delete dead letters (these ids, or the oldest ``limit``) and their records."""
@@ -265,7 +321,7 @@ class Queue:
 
     async def resume(self) -> None:
         await self.redis.delete(self.keys.paused)
-        await self.redis.publish(self.keys.wake, "resume")
+        await self._run_layout("wake", [])
 
     async def is_paused(self) -> bool:
         return bool(await self.redis.exists(self.keys.paused))
@@ -305,33 +361,22 @@ class Queue:
 
     # -- the worker's side ----------------------------------------------------------------------
 
-    async def dequeue(self, count: int, worker: str, lease_seconds: float | None = None
-                      ) -> tuple[list[Delivery], float | None]:
-        """Lease up to ``count`` messages. Returns them and the seconds until something else is due."""
+    async def dequeue(self, count: int, worker: str, lease_seconds: float | None = None,
+                      idle_seconds: float = 0.0) -> tuple[list[Delivery], float | None]:
+        """Lease up to ``count`` messages. Returns them and the seconds until something else is due.
+
+        With ``idle_seconds`` > 0, a worker that got fewer than ``count`` is registered as idle for
+        that long: the next enqueue leases a message to it and pushes it to its inbox.
+        """
         lease = _ms(lease_seconds or self.lease_seconds)
-        flat = await self._run("dequeue", self._dequeue_keys,
-                               [self.keys.task_prefix, count, lease, worker, self.events_maxlen,
-                                self._weight])
-        deliveries = []
-        for i in range(1, len(flat), 4):
-            task_id, raw, attempts, token = flat[i], flat[i + 1], flat[i + 2], str(flat[i + 3])
-            try:
-                message = Message.model_validate_json(raw)
-            except ValueError as exc:
-                deliveries.append(Delivery(task_id, token, None, f"malformed message: {_first_error(exc)}"))
-                continue
-            message.attempts = attempts
-            deliveries.append(Delivery(task_id, token, message))
-        return deliveries, (None if flat[0] < 0 else flat[0] / 1000)
+        flat = await self._run_layout("dequeue", [count, lease, worker, _ms(idle_seconds)])
+        return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)
 
     async def settle(self, entries: list[Any]) -> list[int]:
-        """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-7.lua."""
+        """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-10.lua."""
         if not entries:
             return []
-        k = self.keys
-        return list(await self._run("settle", self._settle_keys,
-                                    [k.task_prefix, _ms(self.record_ttl), self.events_maxlen,
-                                     self._weight, k.wake, k.rate_prefix, *entries]))
+        return list(await self._run_layout("settle", [_ms(self.record_ttl), self.keys.rate_prefix, *entries]))
 
     async def renew(self, worker: str, held: Iterable[tuple[str, str]], lease_seconds: float | None = None
                     ) -> list[str]:
@@ -351,8 +396,42 @@ class Queue:
                                 self.events_maxlen])
         return bool(done)
 
+    async def wait_inbox(self, worker: str, timeout: float) -> Delivery | None:
+        """Block up to ``timeout`` s for a message handed to this idle worker (already leased to it)."""
+        try:
+            got = await self.redis.blpop([self.keys.inbox(worker)], timeout=timeout)  # type: ignore[misc]
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            raise BusConnectionError(f"Redis unreachable while waiting on queue {self.name!r}") from exc
+        return parse_delivery(got[1]) if got and got[1] else None
+
+    async def nudge(self, worker: str) -> None:
+        """Wake a worker blocked in `wait_inbox` (an empty entry is not a delivery)."""
+        await self.redis.lpush(self.keys.inbox(worker), "")  # type: ignore[misc]
+
+    async def leave(self, worker: str, lease_seconds: float | None = None) -> list[Delivery]:
+        """Deregister an idle worker and return what was handed to it but never taken (to release)."""
+        member = f"{_ms(lease_seconds or self.lease_seconds)}:{worker}"
+        inbox = self.keys.inbox(worker)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.idle, member)
+            pipe.lrange(inbox, 0, -1)
+            pipe.delete(inbox)
+            _, left, _ = await pipe.execute()
+        return [parse_delivery(d) for d in left if d]
+
     async def forget_worker(self, worker: str) -> None:
         await self.redis.zrem(self.keys.workers, worker)
+
+
+def parse_delivery(text: str) -> Delivery:
+    """A delivery string from the scripts ("id\\nattempt\\ntoken\\nmessage JSON") -> `Delivery`."""
+    task_id, attempts, token, raw = text.split("\n", 3)
+    try:
+        message = Message.model_validate_json(raw)
+    except ValueError as exc:
+        return Delivery(task_id, token, None, f"malformed message: {_first_error(exc)}")
+    message.attempts = int(attempts)
+    return Delivery(task_id, token, message)
 
 
 def dumps(value: Any) -> str:

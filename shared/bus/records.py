@@ -53,7 +53,7 @@ def parse_record(queue: str, task_id: str, raw: dict[str, str], position: int | 
         result=result,
         error=parse_error(raw.get("error")),
         enqueued_at=_seconds(raw.get("enq")),
-        ready_at=_seconds(raw.get("ready")),
+        ready_at=_seconds(raw.get("ready") or raw.get("enq")),
         started_at=_seconds(raw.get("started")),
         finished_at=_seconds(raw.get("finished")),
         worker=raw.get("worker") or None,

@@ -1,9 +1,11 @@
 """The worker: leases messages in batches, runs their handlers, settles outcomes in batches.
 
-One fetch loop leases up to the free capacity per round trip; each message runs in its own task;
-finished outcomes are group-committed by one settle loop (a settle round trip carries everything
-that finished while the previous one was in flight); one renew loop extends every held lease and
-heartbeats. A pub/sub subscription wakes the fetch loop on new work and delivers cancel requests.
+One fetch loop leases up to the free capacity per round trip; when the queue runs dry the worker
+registers as idle and blocks on its inbox list, where the next enqueue pushes a message already
+leased to it (one hop, like a bare BLPOP). Each message runs in its own task; outcomes are
+group-committed by one settle loop (a settle round trip carries everything that finished while
+the previous one was in flight); one renew loop extends every held lease and heartbeats. A pub/sub
+subscription delivers cancel requests for running tasks.
 """
 
 from __future__ import annotations
@@ -59,19 +61,22 @@ class Worker:
         self._dropped: set[str] = set()  # cancelled by request or lease lost: settle nothing
         self._releasing: set[str] = set()  # interrupted by shutdown: release the lease
         self._pending: list[Any] = []  # flat settle entries
-        self._wake = asyncio.Event()
         self._slot = asyncio.Event()
         self._settle_now = asyncio.Event()
         self._stopping = False
         self._started = False
+        self._nudge: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop taking messages; ``run()`` then waits for running ones (up to the grace period)."""
+        if self._stopping:
+            return
         self._stopping = True
-        self._wake.set()
         self._slot.set()
+        if self._started:  # unblock the inbox wait at once
+            self._nudge = asyncio.get_running_loop().create_task(self.queue.nudge(self.id))
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,8 +92,7 @@ class Worker:
             raise RuntimeError("a Worker runs once")
         self._started = True
         pubsub = self.queue.redis.pubsub(ignore_subscribe_messages=True)
-        keys = self.queue.keys
-        await pubsub.subscribe(**{keys.wake: self._on_wake, keys.control: self._on_control})
+        await pubsub.subscribe(**{self.queue.keys.control: self._on_control})
         helpers = [asyncio.create_task(c, name=f"worker-{n}") for n, c in (
             ("listen", self._listen(pubsub)), ("settle", self._settle_loop()), ("renew", self._renew_loop()))]
         log.info("worker %s consuming %r (concurrency %d)", self.id, self.queue.name, self.concurrency)
@@ -101,6 +105,10 @@ class Worker:
             await asyncio.gather(*helpers, return_exceptions=True)
             await self._flush()
             try:
+                for delivery in await self.queue.leave(self.id, self.lease_seconds):
+                    self._held[delivery.id] = delivery.token
+                    self._settle(delivery, "release")
+                await self._flush()
                 await self.queue.forget_worker(self.id)
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception:  # shutting down anyway; leases will expire on their own
@@ -123,31 +131,29 @@ class Worker:
 
     async def _fetch_loop(self) -> None:
         backoff = 0.05
+        idle_seconds = self.poll_seconds + 1.0  # outlives one inbox wait
         while not self._stopping:
             free = min(self._capacity() - len(self._running), self.batch)
             if free <= 0:
                 self._slot.clear()
                 await self._slot.wait()
                 continue
-            self._wake.clear()
             try:
-                deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds)
+                deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds)
+                for delivery in deliveries:
+                    self._start(delivery)
+                if len(deliveries) < free and not self._stopping:  # dry: wait for a hand-off
+                    timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in)
+                    handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
+                    if handed is not None:
+                        self._start(handed)
+                else:
+                    await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
+                backoff = 0.05
             except BusConnectionError as exc:
                 log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.05
-            for delivery in deliveries:
-                self._start(delivery)
-            if len(deliveries) < free:  # drained (or paused): sleep until woken or something is due
-                timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in + 0.001)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
-            else:
-                await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
 
     def _start(self, delivery: Delivery) -> None:
         self._held[delivery.id] = delivery.token
@@ -156,9 +162,6 @@ class Worker:
             return
         task = asyncio.create_task(self._execute(delivery), name=delivery.id)
         self._running[delivery.id] = task
-
-    def _on_wake(self, _message: Any) -> None:
-        self._wake.set()
 
     def _on_control(self, message: Any) -> None:
         task_id = message["data"]
@@ -245,7 +248,7 @@ class Worker:
         retries = self.queue.max_retries if m.max_retries is None else m.max_retries
         meta = dumps({"type": m.type, "level": m.priority.level, "max_retries": retries,
                       "delay_ms": max(0, round(nxt.delay * 1000))})
-        self._settle(delivery, "next", m.model_dump_json(), meta)
+        self._settle(delivery, "next", m.model_dump_json(exclude_none=True), meta)
 
     def _failure(self, delivery: Delivery, code: str, message: str, tb: str | None,
                  delay: float | None = None) -> None:

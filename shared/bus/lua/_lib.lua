@@ -1,10 +1,27 @@
 -- Prepended to every script when it is loaded (see scripts.py): helpers shared by all of them.
--- Task records are hashes at ARGV-given prefix .. id, in the same hash-tag slot as the queue's KEYS.
+--
+-- The queue scripts (enqueue, dequeue, settle, replay, wake) share one KEYS/ARGV layout, held in Q:
+--   KEYS[1] ready   KEYS[2] delayed   KEYS[3] leases   KEYS[4] depth   KEYS[5] events
+--   KEYS[6] paused  KEYS[7] latency   KEYS[8] dead     KEYS[9] stats   KEYS[10] idle workers
+--   ARGV[1] task prefix   ARGV[2] inbox prefix   ARGV[3] events maxlen   ARGV[4] level weight (ms)
+--   then the script's own arguments from ARGV[5].
+-- Task records are hashes at task prefix .. id, inboxes lists at inbox prefix .. worker: both in
+-- the queue's hash-tag slot.
 -- Record fields: msg type prio owner status score enq ready att dlv max stage started finished
 --                progress result error worker
+local Q = {ready = KEYS[1], delayed = KEYS[2], leases = KEYS[3], depth = KEYS[4], events = KEYS[5],
+           paused = KEYS[6], latency = KEYS[7], dead = KEYS[8], stats = KEYS[9], idle = KEYS[10],
+           tp = ARGV[1], inbox = ARGV[2], maxlen = ARGV[3], weight = tonumber(ARGV[4])}
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Integer text of a number. Numbers handed to redis.call are formatted with %.17g each time, which
+-- costs more than the command itself here: hot paths format once and pass strings.
+local function int(n)
+  return string.format('%.0f', n)
 end
 
 -- Append one status change to the queue's event stream (capped, approximately, at maxlen).
@@ -19,4 +36,76 @@ end
 
 local function task_error(code, message)
   return cjson.encode({code = code, message = message})
+end
+
+-- Move a task to the dead-letter set with `status` and `err`; it stays until replayed or purged.
+local function bury(id, status, typ, owner, err, now)
+  local key = Q.tp .. id
+  redis.call('HSET', key, 'status', status, 'finished', now, 'error', err)
+  redis.call('PERSIST', key)
+  redis.call('ZADD', Q.dead, now, id)
+  redis.call('HINCRBY', Q.stats, 'failed', 1)
+  emit(Q.events, Q.maxlen, id, status, typ, owner, {'error', err})
+end
+
+-- Lease `id` (just popped from ready) to `worker` for `lease` ms. Returns the delivery as one
+-- string "id\nattempt\ntoken\nmessage JSON", or nil when there was nothing to deliver.
+-- Depth decrements and start-latency samples are collected in `acc` and applied by settle_acc.
+local function lease_to(id, worker, acc)
+  local key = Q.tp .. id
+  local f = redis.call('HMGET', key, 'msg', 'prio', 'ready', 'type', 'owner', 'status', 'enq')
+  if f[2] then acc.taken[f[2]] = (acc.taken[f[2]] or 0) + 1 end
+  if not f[1] then
+    bury(id, 'dead', f[4], f[5], task_error('malformed', 'the task record has no message body'), acc.now)
+    return nil
+  end
+  if f[6] ~= 'queued' then return nil end  -- stale entry: the record moved on
+  local att = tostring(redis.call('HINCRBY', key, 'att', 1))
+  local dlv = tostring(redis.call('HINCRBY', key, 'dlv', 1))
+  redis.call('HSET', key, 'status', 'processing', 'started', acc.now_s, 'worker', worker)
+  acc.leases[#acc.leases + 1] = acc.deadline_s
+  acc.leases[#acc.leases + 1] = id
+  acc.lats[#acc.lats + 1] = int(acc.now - tonumber(f[3] or f[7]))
+  emit(Q.events, Q.maxlen, id, 'processing', f[4], f[5], {'attempts', att, 'worker', worker})
+  return id .. '\n' .. att .. '\n' .. dlv .. '\n' .. f[1]
+end
+
+-- What a batch of lease_to calls shares: the time, the lease deadline, and what they accumulate.
+local function new_acc(now, lease)
+  return {taken = {}, lats = {}, leases = {'ZADD', Q.leases}, now = now, now_s = int(now),
+          deadline_s = int(now + lease)}
+end
+
+local function settle_acc(acc)
+  if #acc.leases > 2 then redis.call(unpack(acc.leases)) end
+  for level, n in pairs(acc.taken) do redis.call('HINCRBY', Q.depth, level, -n) end
+  if #acc.lats > 0 then
+    redis.call('LPUSH', Q.latency, unpack(acc.lats))
+    redis.call('LTRIM', Q.latency, 0, 999)
+  end
+end
+
+-- Hand the best ready messages to workers blocked on their inbox, one each, already leased; a
+-- registration that has expired (its worker stopped polling) is dropped. Idle members are
+-- "lease_ms:worker". Returns how many were served.
+local function serve_idle(now)
+  if redis.call('EXISTS', Q.paused) == 1 then return 0 end
+  redis.call('ZREMRANGEBYSCORE', Q.idle, '-inf', now - 1)
+  local served = 0
+  for _, member in ipairs(redis.call('ZRANGE', Q.idle, 0, -1)) do
+    local lease, worker = string.match(member, '^(%d+):(.+)$')
+    local acc = new_acc(now, tonumber(lease))
+    local delivery = nil
+    while not delivery do
+      local popped = redis.call('ZPOPMIN', Q.ready, 1)
+      if #popped == 0 then break end
+      delivery = lease_to(popped[1], worker, acc)
+    end
+    settle_acc(acc)
+    if not delivery then break end
+    redis.call('ZREM', Q.idle, member)
+    redis.call('RPUSH', Q.inbox .. worker, delivery)
+    served = served + 1
+  end
+  return served
 end

@@ -1,10 +1,9 @@
 -- Settle a batch of leased messages: complete, retry, fail, move to the next pipeline stage, or
 -- release (graceful shutdown). Each entry is fenced by its delivery token: an entry whose lease was
 -- lost (reclaimed, cancelled) is ignored, so a late worker can never clobber a newer delivery.
--- KEYS[1] leases   KEYS[2] ready   KEYS[3] delayed   KEYS[4] depth   KEYS[5] events
--- KEYS[6] dead     KEYS[7] stats
--- ARGV[1] task prefix   ARGV[2] record ttl ms   ARGV[3] events maxlen   ARGV[4] level weight (ms)
--- ARGV[5] wake channel  ARGV[6] per-second rate key prefix
+-- Messages put back in ready are handed to idle workers at once.
+-- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
+-- ARGV[5] record ttl ms   ARGV[6] per-second rate key prefix
 -- then 5 per entry: id, delivery token, outcome, a, b
 --   done:    a = result JSON ('' = none)
 --   retry:   a = error JSON, b = delay ms
@@ -12,58 +11,52 @@
 --   next:    a = next stage's message JSON, b = JSON {type, level, delay_ms, max_retries}
 --   release: (nothing) back to the front of its level; the interrupted attempt does not count
 -- Returns: one integer per entry: 1 settled, 0 ignored (lease no longer held)
-local leases, ready, delayed, depth, events, dead, stats =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local tp, ttl, maxlen, weight, wake, ratep =
-  ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local ttl, ratep = ARGV[5], ARGV[6]
 local now = now_ms()
 local out = {}
-local counts = {processed = 0, failed = 0, retried = 0}
-local woke = false
+local counts = {processed = 0, retried = 0, failed = 0}
+local requeued = false
 local INLINE_RESULT = 16384  -- results up to this size ride along in the event itself
 
--- Put a queued message back: delayed, or ready at `score`.
+-- Put a message back in the queue: delayed, or ready at `score` (default: the back of its level).
 local function requeue(key, id, level, delay, score)
   if delay > 0 then
-    redis.call('ZADD', delayed, now + delay, id)
+    redis.call('ZADD', Q.delayed, now + delay, id)
     redis.call('HSET', key, 'status', 'queued', 'ready', now + delay)
   else
-    score = score or (tonumber(level) * weight + now)
-    redis.call('ZADD', ready, score, id)
-    redis.call('HINCRBY', depth, level, 1)
+    score = score or (tonumber(level) * Q.weight + now)
+    redis.call('ZADD', Q.ready, score, id)
+    redis.call('HINCRBY', Q.depth, level, 1)
     redis.call('HSET', key, 'status', 'queued', 'score', score, 'ready', now)
+    requeued = true
   end
-  woke = true
 end
 
 for i = 7, #ARGV, 5 do
   local id, token, outcome, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local key = tp .. id
+  local key = Q.tp .. id
   local f = redis.call('HMGET', key, 'status', 'dlv', 'prio', 'type', 'owner', 'score', 'att', 'stage')
   if f[1] ~= 'processing' or f[2] ~= token then
     out[#out + 1] = 0
   else
     out[#out + 1] = 1
-    redis.call('ZREM', leases, id)
+    redis.call('ZREM', Q.leases, id)
     if outcome == 'done' then
       redis.call('HSET', key, 'status', 'completed', 'finished', now, 'result', a, 'progress', 1)
       redis.call('PEXPIRE', key, ttl)
       counts.processed = counts.processed + 1
       local extra = {}
       if #a <= INLINE_RESULT then extra = {'result', a} end
-      emit(events, maxlen, id, 'completed', f[4], f[5], extra)
+      emit(Q.events, Q.maxlen, id, 'completed', f[4], f[5], extra)
     elseif outcome == 'retry' then
       redis.call('HSET', key, 'error', a)
       requeue(key, id, f[3], tonumber(b))
       counts.retried = counts.retried + 1
-      emit(events, maxlen, id, 'queued', f[4], f[5],
+      emit(Q.events, Q.maxlen, id, 'queued', f[4], f[5],
         {'reason', 'retry', 'attempts', f[7], 'retry_in_ms', b, 'error', a})
     elseif outcome == 'fail' then
-      redis.call('HSET', key, 'status', b, 'finished', now, 'error', a)
-      redis.call('PERSIST', key)
-      redis.call('ZADD', dead, now, id)
+      bury(id, b, f[4], f[5], a, now)  -- bury counts it in stats
       counts.failed = counts.failed + 1
-      emit(events, maxlen, id, b, f[4], f[5], {'error', a, 'attempts', f[7]})
     elseif outcome == 'next' then
       local meta = cjson.decode(b)
       local stage = tonumber(f[8] or 0) + 1
@@ -71,12 +64,12 @@ for i = 7, #ARGV, 5 do
         'att', 0, 'stage', stage, 'progress', '', 'error', '')
       requeue(key, id, tostring(meta.level), tonumber(meta.delay_ms))
       counts.processed = counts.processed + 1
-      emit(events, maxlen, id, 'queued', meta.type, f[5],
+      emit(Q.events, Q.maxlen, id, 'queued', meta.type, f[5],
         {'reason', 'next_stage', 'stage', stage, 'retry_in_ms', meta.delay_ms})
     else -- release
       redis.call('HINCRBY', key, 'att', -1)
       requeue(key, id, f[3], 0, f[6])
-      emit(events, maxlen, id, 'queued', f[4], f[5], {'reason', 'released'})
+      emit(Q.events, Q.maxlen, id, 'queued', f[4], f[5], {'reason', 'released'})
     end
   end
 end
@@ -84,10 +77,10 @@ end
 local rate = ratep .. math.floor(now / 1000)
 for name, n in pairs(counts) do
   if n > 0 then
-    redis.call('HINCRBY', stats, name, n)
+    if name ~= 'failed' then redis.call('HINCRBY', Q.stats, name, n) end
     redis.call('HINCRBY', rate, name, n)
     redis.call('EXPIRE', rate, 180)
   end
 end
-if woke then redis.call('PUBLISH', wake, 's') end
+if requeued then serve_idle(now) end
 return out

@@ -1,0 +1,71 @@
+-- Lease up to COUNT messages to one worker, after reclaiming expired leases and promoting due
+-- delayed messages. A worker that got fewer than it asked for is registered as idle, so the next
+-- enqueue hands it a message directly (see serve_idle).
+-- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
+-- ARGV[5] count   ARGV[6] lease ms   ARGV[7] worker id   ARGV[8] idle registration ttl ms (0: don't)
+-- Returns: {ms until the next delayed message or lease deadline (-1: none), then one delivery
+--   string per leased message (see lease_to)}
+local count, lease, worker, idle_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local now = now_ms()
+
+-- 1. Leases whose worker died: back to the front of their level, or dead when out of attempts.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', Q.leases, '-inf', now, 'LIMIT', 0, 100)) do
+  local key = Q.tp .. id
+  redis.call('ZREM', Q.leases, id)
+  local f = redis.call('HMGET', key, 'status', 'att', 'max', 'prio', 'score', 'type', 'owner')
+  if f[1] == 'processing' then
+    if tonumber(f[2]) > tonumber(f[3]) then
+      bury(id, 'dead', f[6], f[7], task_error('lease_expired',
+        'the lease expired on every attempt (' .. f[2] .. '): its worker kept dying'), now)
+    else
+      redis.call('ZADD', Q.ready, f[5], id)
+      redis.call('HINCRBY', Q.depth, f[4], 1)
+      redis.call('HSET', key, 'status', 'queued')
+      redis.call('HINCRBY', Q.stats, 'reclaimed', 1)
+      emit(Q.events, Q.maxlen, id, 'queued', f[6], f[7], {'reason', 'lease_expired'})
+    end
+  end
+end
+
+-- 2. Delayed messages that are due join their level, ordered by their due time.
+local due = redis.call('ZRANGEBYSCORE', Q.delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
+for i = 1, #due, 2 do
+  local id = due[i]
+  local key = Q.tp .. id
+  redis.call('ZREM', Q.delayed, id)
+  local level = redis.call('HGET', key, 'prio')
+  if level then
+    local score = tonumber(level) * Q.weight + tonumber(due[i + 1])
+    redis.call('ZADD', Q.ready, score, id)
+    redis.call('HSET', key, 'score', score)
+    redis.call('HINCRBY', Q.depth, level, 1)
+  end
+end
+
+-- 3. Lease the best COUNT ready messages.
+local out = {-1}
+local paused = redis.call('EXISTS', Q.paused) == 1
+if count > 0 and not paused then
+  local popped = redis.call('ZPOPMIN', Q.ready, count)
+  local acc = new_acc(now, lease)
+  for i = 1, #popped, 2 do
+    local delivery = lease_to(popped[i], worker, acc)
+    if delivery then out[#out + 1] = delivery end
+  end
+  settle_acc(acc)
+end
+local member = lease .. ':' .. worker
+if idle_ttl > 0 and #out - 1 < count then
+  redis.call('ZADD', Q.idle, int(now + idle_ttl), member)
+else
+  redis.call('ZREM', Q.idle, member)
+end
+
+-- 4. When to look again even if nobody hands us anything.
+local nxt = -1
+local d = redis.call('ZRANGE', Q.delayed, 0, 0, 'WITHSCORES')
+if #d > 0 then nxt = tonumber(d[2]) end
+local l = redis.call('ZRANGE', Q.leases, 0, 0, 'WITHSCORES')
+if #l > 0 and (nxt < 0 or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
+if nxt >= 0 then out[1] = math.max(0, nxt - now) end
+return out
