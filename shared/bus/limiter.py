@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 
 class AdaptiveLimiter:
-    """A concurrency limit that a worker (or any caller) acquires slots from.
+    """A concurrency limit that workers (or any callers) take slots from; it may be shared.
 
     Starts at ``initial``; every ``report_rate_limited()`` drops it by ``decrease``; after
     ``quiet_seconds`` without a report it grows by ``increase`` (and again after each further quiet
@@ -29,18 +30,16 @@ class AdaptiveLimiter:
         self._limit = initial
         self._since = clock()  # start of the current quiet period
         self._held = 0
-        self._changed = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.reports = 0
 
     @property
     def limit(self) -> int:
         """The current limit, after applying any growth that quiet time has earned."""
         periods = int((self._clock() - self._since) // self.quiet_seconds)
-        if periods > 0 and self._limit < self.maximum:
+        if periods > 0:
             self._limit = min(self.maximum, self._limit + periods * self.increase)
             self._since += periods * self.quiet_seconds
-        elif periods > 0:
-            self._since = self._clock()
         return self._limit
 
     @property
@@ -52,30 +51,47 @@ class AdaptiveLimiter:
         return max(0, self.limit - self._held)
 
     def report_rate_limited(self) -> None:
-        """The downstream said "slow down": multiplicative-ish decrease, and restart the quiet clock."""
+        """The downstream said "slow down": decrease, and restart the quiet clock."""
         self.reports += 1
         self._limit = max(self.minimum, self._limit - self.decrease)
         self._since = self._clock()
 
+    def try_acquire(self, n: int = 1) -> int:
+        """Take up to ``n`` slots without waiting; returns how many were taken."""
+        granted = max(0, min(n, self.limit - self._held))
+        self._held += granted
+        return granted
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` slots and wake waiters that now fit."""
+        self._held = max(0, self._held - n)
+        self._wake()
+
     async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._held < self.limit)
-            self._held += 1
+        """Wait for a slot. Waiters are woken by releases and by quiet time raising the limit."""
+        while not self.try_acquire():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            next_growth = self._since + self.quiet_seconds - self._clock()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=max(0.001, next_growth))
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
 
-    def try_acquire(self) -> bool:
-        if self._held < self.limit:
-            self._held += 1
-            return True
-        return False
-
-    async def release(self) -> None:
-        async with self._changed:
-            self._held = max(0, self._held - 1)
-            self._changed.notify_all()
+    def _wake(self) -> None:
+        free = self.limit - self._held
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
 
     async def __aenter__(self) -> AdaptiveLimiter:
         await self.acquire()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.release()
+        self.release()

@@ -107,7 +107,8 @@ _MOVES: dict[TaskStatus, frozenset[TaskStatus]] = {
 class Message(BaseModel):
     """One unit of work. Everything but ``type`` has a sensible default."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # NaN and infinities are kept (written as JSON's common NaN/Infinity extension), never nulled.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, ser_json_inf_nan="constants")
 
     id: str = Field(default_factory=new_id, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     type: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")

@@ -15,6 +15,7 @@ Every state change happens inside one Lua script and is appended to the queue's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +33,8 @@ from .message import Message, TaskRecord, TaskStatus, new_id, new_trace
 from .records import QueueStats, parse_record, parse_stats
 from .scripts import Scripts
 
-STRICT_LEVEL_WEIGHT_MS = 10**13  # ~317 years: no message ever ages past a level
+STRICT_LEVEL_WEIGHT_US = 10 * 365 * 86_400 * 10**6  # 10 years: no message ever ages past a level
+# (3 levels of it plus a microsecond clock stay below 2**53, so every score is an exact double)
 ARGS_PER_MESSAGE = 9  # see enqueue-10.lua
 MAX_BATCH_ARGS = ARGS_PER_MESSAGE * 1000  # 1,000 messages per enqueue script call
 
@@ -103,7 +105,7 @@ class Queue:
         self.dedupe_ttl = dedupe_ttl
         self.max_message_bytes = max_message_bytes
         self.events_maxlen = events_maxlen
-        self._weight = _ms(aging_seconds) if aging_seconds else STRICT_LEVEL_WEIGHT_MS
+        self._weight = round(aging_seconds * 1e6) if aging_seconds else STRICT_LEVEL_WEIGHT_US
         self._scripts = Scripts(redis)
         self._layout = self.keys.layout()
         self._head = [self.keys.task_prefix, self.keys.inbox_prefix, events_maxlen, self._weight]
@@ -114,6 +116,16 @@ class Queue:
     async def _run_layout(self, script: str, args: list[Any]) -> Any:
         """Run one of the queue scripts that share the KEYS/ARGV layout of lua/_lib.lua."""
         return await self._run(script, self._layout, self._head + args)
+
+    async def _pipeline(self, script: str, calls: list[list[Any]]) -> list[Any]:
+        """Run one layout script several times, in order, in one round trip."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args in calls:
+                    await self._scripts.run(script, self._layout, self._head + args, client=pipe)
+                return list(await pipe.execute())
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -198,8 +210,8 @@ class Queue:
         for payload in payloads:
             task_id = new_id()
             fields = {**common, "id": task_id, "payload": payload, "created_at": now, "trace": new_trace()}
-            body = self._checked(proto.type, lambda f=fields: to_json(f).decode())  # type: ignore[misc]
-            args.append("+" + task_id)
+            body = self._checked(proto.type, functools.partial(dumps, fields))
+            args.append("+" + task_id)  # made here, never seen by anyone: no need to look it up
             args.extend(head)
             args.append(body)
         return await self._send(args, positions)
@@ -212,8 +224,8 @@ class Queue:
         chunks = [args[i:i + MAX_BATCH_ARGS] for i in range(0, len(args), MAX_BATCH_ARGS)]
         if len(chunks) == 1:
             answers = [await self._run_layout("enqueue", head + chunks[0])]
-        else:  # concurrent: Redis runs one chunk while others are sent and answered
-            answers = await asyncio.gather(*(self._run_layout("enqueue", head + c) for c in chunks))
+        else:  # one pipeline: one round trip, chunks applied in order
+            answers = await self._pipeline("enqueue", [head + c for c in chunks])
         out: list[Enqueued] = []
         for chunk, (dups, where) in zip(chunks, answers, strict=True):
             existing = {dups[j] - 1: dups[j + 1] for j in range(0, len(dups), 2)}
@@ -237,8 +249,7 @@ class Queue:
     def _pack(self, m: Message, delay_ms: int, ttl_ms: str) -> list[Any]:
         body = self._checked(m.type, lambda: m.model_dump_json(exclude_none=True))
         retries = self.max_retries if m.max_retries is None else m.max_retries
-        task_id = m.id if "id" in m.model_fields_set else "+" + m.id  # generated ids cannot collide
-        return [task_id, m.priority.level, delay_ms, m.dedupe_key or "", ttl_ms, retries, m.type,
+        return [m.id, m.priority.level, delay_ms, m.dedupe_key or "", ttl_ms, retries, m.type,
                 m.owner or "", body]
 
     @staticmethod
@@ -436,7 +447,7 @@ def parse_delivery(text: str) -> Delivery:
 
 def dumps(value: Any) -> str:
     """JSON text of a handler's result or an error (pydantic-core: fast, and knows datetimes etc.)."""
-    return to_json(value).decode()
+    return to_json(value, inf_nan_mode="constants").decode()
 
 
 def _first_error(exc: Exception) -> str:

@@ -32,5 +32,6 @@ class Scripts:
             name.rsplit("-", 1)[0]: redis.register_script(source(name)) for name in _NAMES
         }
 
-    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._scripts[name](keys=keys, args=args)
+    async def run(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        """Run a script; with ``client`` a pipeline, queue it there (the pipeline loads it if need be)."""
+        return await self._scripts[name](keys=keys, args=args, client=client)

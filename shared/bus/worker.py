@@ -11,6 +11,7 @@ subscription delivers cancel requests for running tasks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -30,6 +31,7 @@ from .queue import Delivery, Queue, dumps
 
 log = logging.getLogger("meetmesh.worker")
 TRACEBACK_LIMIT = 8192
+COALESCE_SECONDS = 0.001  # a free slot waits at most this long for others before leasing
 
 
 def _error(code: str, message: str, tb: str | None = None) -> str:
@@ -126,42 +128,91 @@ class Worker:
 
     # -- fetching -------------------------------------------------------------------------------
 
-    def _capacity(self) -> int:
-        return min(self.concurrency, self.limiter.limit) if self.limiter else self.concurrency
-
     async def _fetch_loop(self) -> None:
         backoff = 0.05
-        idle_seconds = self.poll_seconds + 1.0  # outlives one inbox wait
         while not self._stopping:
-            free = min(self._capacity() - len(self._running), self.batch)
-            if free <= 0:
-                self._slot.clear()
-                await self._slot.wait()
-                continue
+            free = await self._free_slots()
+            started = 0
             try:
-                deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds)
-                for delivery in deliveries:
-                    self._start(delivery)
-                if len(deliveries) < free and not self._stopping:  # dry: wait for a hand-off
-                    timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in)
-                    handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
-                    if handed is not None:
-                        self._start(handed)
-                else:
-                    await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
+                started = await self._fetch(free)
                 backoff = 0.05
             except BusConnectionError as exc:
                 log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            finally:
+                if self.limiter:  # slots reserved but not taken by a handler go back
+                    self.limiter.release(free - started)
 
-    def _start(self, delivery: Delivery) -> None:
+    async def _free_slots(self) -> int:
+        """Wait until a handler slot is free; returns how many are (and reserves them on the limiter)."""
+        while not self._stopping:
+            free = min(self.concurrency - len(self._running), self.batch)
+            if free <= 0:
+                self._slot.clear()
+                await self._slot.wait()
+                continue
+            if free < self.concurrency // 4:  # busy: let completions pile up, so one lease is a batch
+                await asyncio.sleep(COALESCE_SECONDS)
+                free = min(self.concurrency - len(self._running), self.batch)
+            if self.limiter is None:
+                return free
+            granted = self.limiter.try_acquire(free)
+            if granted == 0:
+                await self.limiter.acquire()
+                granted = 1 + self.limiter.try_acquire(free - 1)
+            if self._stopping:
+                self.limiter.release(granted)
+                break
+            return granted
+        return 0
+
+    async def _fetch(self, free: int) -> int:
+        """Lease up to ``free`` messages and start them; when the queue is dry, wait for a hand-off."""
+        if free <= 0:
+            return 0
+        idle_seconds = self.poll_seconds + 0.5  # outlives one inbox wait, not much more
+        deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds)
+        started = sum(self._start(d) for d in deliveries)
+        if len(deliveries) < free and not self._stopping:
+            timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in)
+            handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
+            if handed is not None:
+                started += self._start(handed)
+        else:
+            await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
+        return started
+
+    def _start(self, delivery: Delivery) -> bool:
+        """Run a delivery's handler; True when a handler task (which holds a slot) was started."""
+        held = self._held.get(delivery.id)
+        if held is not None and int(held) >= int(delivery.token):
+            return False  # this delivery, or a newer one, is already ours
+        old = self._running.get(delivery.id)
+        if old is not None:  # its lease was reclaimed and it came back to us: the old run is void
+            self._dropped.add(delivery.id)
+            old.cancel()
         self._held[delivery.id] = delivery.token
         if delivery.message is None:  # unparseable body: bury it with the reason, keep going
             self._settle(delivery, "fail", _error("malformed", delivery.error or "malformed message"), "dead")
-            return
+            return False
         task = asyncio.create_task(self._execute(delivery), name=delivery.id)
         self._running[delivery.id] = task
+        task.add_done_callback(functools.partial(self._done, delivery))
+        return True
+
+    def _done(self, delivery: Delivery, task: asyncio.Task[None]) -> None:
+        """Bookkeeping for every way a run ends, including a cancel that lands before it starts."""
+        if self._running.get(delivery.id) is task:
+            del self._running[delivery.id]
+        if self.limiter:
+            self.limiter.release()
+        self._slot.set()
+        if task.cancelled():
+            if delivery.id in self._releasing:
+                self._settle(delivery, "release")
+            else:  # cancelled by request, lease lost, or superseded: nothing to settle
+                self._forget(delivery.id, delivery.token)
 
     def _on_control(self, message: Any) -> None:
         task_id = message["data"]
@@ -206,12 +257,6 @@ class Worker:
                     if deadline.expired():
                         raise
                     raise _HandlerTimeout() from None
-        except asyncio.CancelledError:
-            if delivery.id in self._releasing:
-                self._settle(delivery, "release")
-            else:
-                self._forget(delivery.id)  # cancelled by request, or lease lost: nothing to settle
-            return
         except TimeoutError:
             timeout = message.timeout or self.queue.timeout
             self._failure(delivery, "timeout", f"handler exceeded its timeout of {timeout}s", None)
@@ -228,9 +273,6 @@ class Worker:
             if ctx._limited and self.limiter:
                 self.limiter.report_rate_limited()
             self._success(delivery, ctx, result)
-        finally:
-            self._running.pop(delivery.id, None)
-            self._slot.set()
 
     def _success(self, delivery: Delivery, ctx: Context, result: Any) -> None:
         try:
@@ -271,9 +313,11 @@ class Worker:
         self._pending += (delivery.id, delivery.token, outcome, a, b)
         self._settle_now.set()
 
-    def _forget(self, task_id: str) -> None:
-        self._held.pop(task_id, None)
-        self._dropped.discard(task_id)
+    def _forget(self, task_id: str, token: str | None = None) -> None:
+        """Stop tracking a delivery (only ``token``'s, when given: a newer one may be held)."""
+        if token is None or self._held.get(task_id) == token:
+            self._held.pop(task_id, None)
+            self._dropped.discard(task_id)
 
     async def _settle_loop(self) -> None:
         while True:
@@ -288,6 +332,9 @@ class Worker:
             batch, self._pending = self._pending, []
             try:
                 await self.queue.settle(batch)
+            except asyncio.CancelledError:  # keep it for the final flush (a repeat is fenced off)
+                self._pending = batch + self._pending
+                raise
             except BusConnectionError as exc:
                 self._pending = batch + self._pending
                 log.warning("worker %s: settle failed (%s); retrying in %.2fs", self.id, exc, delay)
@@ -295,7 +342,7 @@ class Worker:
                 delay = min(delay * 2, 5.0)
                 continue
             for i in range(0, len(batch), 5):
-                self._forget(batch[i])
+                self._forget(batch[i], batch[i + 1])
                 self._releasing.discard(batch[i])
 
     async def _renew_loop(self) -> None:

@@ -9,6 +9,7 @@ import inspect
 import threading
 import time
 from collections import Counter
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -377,10 +378,6 @@ async def test_cancelled_queued_and_delayed_tasks_never_run(make_queue, run_work
     assert stats.ready == 0 and stats.delayed == 0 and stats.cancelled == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: worker.py Worker._start/_execute - a handler task cancelled before its first step never "
-    "enters _execute's try/finally, so it is never removed from _running (the slot leaks for good) "
-    "nor from _held"))
 async def test_a_cancel_that_lands_before_the_handler_starts_frees_its_slot(make_queue):
     """The cancel request for a task that was leased in the same round as the control message
     arrives: the listener runs before the new handler task's first step (a real interleaving when
@@ -402,10 +399,11 @@ async def test_a_cancel_that_lands_before_the_handler_starts_frees_its_slot(make
                 await queue.cancel(d.id)  # a user cancels it just as it is leased
         return deliveries, due
 
-    def start(delivery: Any) -> None:
-        real_start(delivery)
+    def start(delivery: Any) -> bool:
+        started = real_start(delivery)
         if delivery.message is not None and delivery.message.payload == "victim":
             worker._on_control({"data": delivery.id})  # the control message, before the first step
+        return started
 
     queue.dequeue = dequeue  # type: ignore[method-assign]
     worker._start = start  # type: ignore[method-assign]
@@ -414,7 +412,7 @@ async def test_a_cancel_that_lands_before_the_handler_starts_frees_its_slot(make
         victim = await queue.enqueue("work", "victim")
         assert (await queue.wait(victim.id, WAIT)).status is TaskStatus.CANCELLED
         nxt = await queue.enqueue("work", "next")
-        record = await queue.wait(nxt.id, 5)  # with the leaked slot, a concurrency-1 worker is stuck
+        record = await queue.wait(nxt.id, 3)  # with the leaked slot, a concurrency-1 worker is stuck
         assert record.status is TaskStatus.COMPLETED
         assert worker.in_flight == 0
     finally:
@@ -489,7 +487,7 @@ async def test_a_polling_stage_reschedules_itself_with_growing_delays(make_queue
     assert record.stage == 3 and record.type == "poll"
     assert record.result == {"n": 3, "payload": {"n": 3}}
     assert [n for n, _ in runs] == [0, 1, 2, 3]
-    for (n, t0), (_, t1) in zip(runs, runs[1:], strict=False):
+    for (n, t0), (_, t1) in pairwise(runs):
         assert t1 - t0 >= 0.05 * 2 ** n - 0.01, f"stage {n + 1} came {t1 - t0:.3f}s after stage {n}"
     nexts = select(await read_events(queue), task.id, "queued", "next_stage")
     assert [(e["stage"], e["retry_in_ms"]) for e in nexts] == [("1", "50"), ("2", "100"), ("3", "200")]
@@ -525,14 +523,6 @@ async def test_progress_shows_in_the_record_and_the_event_stream(make_queue, run
 # -- 6. graceful shutdown -----------------------------------------------------------------------
 
 
-SHUTDOWN_SETTLE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: worker.py Worker.run/_flush - shutdown cancels the settle loop while its _flush has taken "
-    "the batch out of _pending and is awaiting queue.settle (redis-py suspends in get_connection "
-    "before sending); the batch is dropped, so the final _flush has nothing to send: the outcome "
-    "(done / release) is lost and the task stays 'processing' until its lease expires"))
-
-
-@SHUTDOWN_SETTLE_BUG
 async def test_stop_lets_a_short_running_handler_finish(make_queue):
     queue = make_queue()
     started = asyncio.Event()
@@ -559,7 +549,6 @@ async def test_stop_lets_a_short_running_handler_finish(make_queue):
     assert not any((await where(queue, task.id)).values())
 
 
-@SHUTDOWN_SETTLE_BUG
 async def test_stop_after_the_grace_period_cancels_and_releases_the_lease_at_once(make_queue, run_worker):
     queue = make_queue(lease_seconds=30)  # an unreleased lease would hold the task for 30 s
     started = asyncio.Event()
@@ -674,6 +663,50 @@ async def test_sync_handlers_work_off_the_event_loop(make_queue, run_worker):
 
 
 # -- 8. concurrency -----------------------------------------------------------------------------
+
+
+async def test_a_burst_landing_between_inbox_waits_runs_each_message_once(make_queue):
+    """A producer's batch reaches Redis just after the worker's inbox wait timed out and just before
+    its next dequeue (a real interleaving; the test makes it happen on cue)."""
+    queue = make_queue(lease_seconds=0.5, max_retries=3)
+    runs: Counter[str] = Counter()
+
+    async def work(ctx: Context) -> None:
+        runs[ctx.message.id] += 1
+        await asyncio.sleep(1.0)  # two lease periods: held leases must be renewed
+
+    worker = Worker(queue, {"work": work}, concurrency=2, poll_seconds=0.2)
+    real_wait_inbox, real_dequeue = queue.wait_inbox, queue.dequeue
+    burst: list[Any] = []
+    timed_out = False
+
+    async def wait_inbox(*args: Any, **kwargs: Any) -> Any:
+        nonlocal timed_out
+        delivery = await real_wait_inbox(*args, **kwargs)
+        timed_out = timed_out or delivery is None
+        return delivery
+
+    async def dequeue(*args: Any, **kwargs: Any) -> Any:
+        if timed_out and not burst:
+            burst.extend(await queue.enqueue_many([queue.message("work") for _ in range(3)]))
+        return await real_dequeue(*args, **kwargs)
+
+    queue.wait_inbox = wait_inbox  # type: ignore[method-assign]
+    queue.dequeue = dequeue  # type: ignore[method-assign]
+    runner = asyncio.create_task(worker.run())
+    try:
+        async def burst_sent() -> bool:
+            return bool(burst)
+
+        await eventually(burst_sent)
+        records = [await queue.wait(t.id, WAIT) for t in burst]
+    finally:
+        worker.stop()
+        await asyncio.wait_for(runner, WAIT)
+
+    assert [r.status for r in records] == [TaskStatus.COMPLETED] * 3, [r.error for r in records]
+    assert [r.attempts for r in records] == [1, 1, 1]
+    assert sorted(runs.values()) == [1, 1, 1]
 
 
 async def test_concurrency_limit_is_never_exceeded(make_queue, run_worker):

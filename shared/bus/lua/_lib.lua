@@ -3,7 +3,7 @@
 -- The queue scripts (enqueue, dequeue, settle, replay, wake) share one KEYS/ARGV layout, held in Q:
 --   KEYS[1] ready   KEYS[2] delayed   KEYS[3] leases   KEYS[4] depth   KEYS[5] events
 --   KEYS[6] paused  KEYS[7] latency   KEYS[8] dead     KEYS[9] stats   KEYS[10] idle workers
---   ARGV[1] task prefix   ARGV[2] inbox prefix   ARGV[3] events maxlen   ARGV[4] level weight (ms)
+--   ARGV[1] task prefix   ARGV[2] inbox prefix   ARGV[3] events maxlen   ARGV[4] level weight (us)
 --   then the script's own arguments from ARGV[5].
 -- Task records are hashes at task prefix .. id, inboxes lists at inbox prefix .. worker: both in
 -- the queue's hash-tag slot.
@@ -13,9 +13,30 @@ local Q = {ready = KEYS[1], delayed = KEYS[2], leases = KEYS[3], depth = KEYS[4]
            paused = KEYS[6], latency = KEYS[7], dead = KEYS[8], stats = KEYS[9], idle = KEYS[10],
            tp = ARGV[1], inbox = ARGV[2], maxlen = ARGV[3], weight = tonumber(ARGV[4])}
 
+local now_us_cached = nil
+
+-- Server time: ms for timestamps, us for ready-set order. One TIME call per script.
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not now_us_cached then
+    local t = redis.call('TIME')
+    now_us_cached = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return math.floor(now_us_cached / 1000)
+end
+
+-- Ready-set order: level * weight + a per-queue stamp that strictly increases (server us, or
+-- the last stamp + 1 when several land in the same microsecond), so every level is FIFO even
+-- for caller-chosen ids. The last stamp lives in the stats hash; `save_stamp` writes it back.
+local last_stamp = nil
+local function ready_score(level)
+  now_ms()
+  if not last_stamp then last_stamp = tonumber(redis.call('HGET', Q.stats, 'stamp') or 0) end
+  last_stamp = math.max(now_us_cached, last_stamp + 1)
+  return tonumber(level) * Q.weight + last_stamp
+end
+
+local function save_stamp()
+  if last_stamp then redis.call('HSET', Q.stats, 'stamp', string.format('%.0f', last_stamp)) end
 end
 
 -- Integer text of a number. Numbers handed to redis.call are formatted with %.17g each time, which
@@ -82,6 +103,15 @@ local function settle_acc(acc)
   if #acc.lats > 0 then
     redis.call('LPUSH', Q.latency, unpack(acc.lats))
     redis.call('LTRIM', Q.latency, 0, 999)
+  end
+end
+
+-- Wake every idle worker at once (an empty inbox entry is a wake-up, not a delivery): used when a
+-- delayed message is added, so workers re-read when the next one is due.
+local function wake_idle(now)
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', Q.idle, now, '+inf')) do
+    local worker = string.match(member, '^%d+:(.+)$')
+    if worker then redis.call('RPUSH', Q.inbox .. worker, '') end
   end
 end
 

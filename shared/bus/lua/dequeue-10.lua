@@ -6,13 +6,22 @@
 -- Returns: {ms until the next delayed message or lease deadline (-1: none), then one delivery
 --   string per leased message (see lease_to)}
 local count, lease, worker, idle_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+count = math.min(count, 1000)  -- bounded batches keep unpack() within Lua's stack
 local now = now_ms()
 
 -- 1. Leases whose worker died: back to the front of their level, or dead when out of attempts.
+--    A delivery still unread in the worker's inbox never ran: it is taken back, uncharged.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', Q.leases, '-inf', now, 'LIMIT', 0, 100)) do
   local key = Q.tp .. id
   redis.call('ZREM', Q.leases, id)
-  local f = redis.call('HMGET', key, 'status', 'att', 'max', 'prio', 'score', 'type', 'owner')
+  local f = redis.call('HMGET', key, 'status', 'att', 'max', 'prio', 'score', 'type', 'owner', 'worker',
+    'dlv', 'msg')
+  if f[1] == 'processing' and f[8] and f[10] then
+    local unread = id .. '\n' .. f[2] .. '\n' .. f[9] .. '\n' .. f[10]
+    if redis.call('LREM', Q.inbox .. f[8], 1, unread) == 1 then
+      f[2] = tostring(redis.call('HINCRBY', key, 'att', -1))
+    end
+  end
   if f[1] == 'processing' then
     if tonumber(f[2]) > tonumber(f[3]) then
       bury(id, 'dead', f[6], f[7], task_error('lease_expired',
@@ -35,33 +44,54 @@ for i = 1, #due, 2 do
   redis.call('ZREM', Q.delayed, id)
   local level = redis.call('HGET', key, 'prio')
   if level then
-    local score = tonumber(level) * Q.weight + tonumber(due[i + 1])
+    local score = int(tonumber(level) * Q.weight + tonumber(due[i + 1]) * 1000)
     redis.call('ZADD', Q.ready, score, id)
     redis.call('HSET', key, 'score', score)
     redis.call('HINCRBY', Q.depth, level, 1)
   end
 end
 
--- 3. Lease the best COUNT ready messages.
+-- 3. What was handed to this worker's inbox while it was busy comes first (already leased to it).
 local out = {-1}
+local inbox = Q.inbox .. worker
+local handed = redis.call('LRANGE', inbox, 0, -1)
+if #handed > 0 then
+  redis.call('DEL', inbox)
+  for _, d in ipairs(handed) do
+    local id, token = string.match(d, '^([^\n]+)\n[^\n]*\n([^\n]*)\n')
+    if id then
+      local f = redis.call('HMGET', Q.tp .. id, 'status', 'dlv', 'worker')
+      if f[1] == 'processing' and f[2] == token and f[3] == worker then
+        out[#out + 1] = d
+        count = count - 1
+      end
+    end
+  end
+end
+
+-- 4. Lease the best COUNT ready messages.
 local paused = redis.call('EXISTS', Q.paused) == 1
+local leased = 0
 if count > 0 and not paused then
   local popped = redis.call('ZPOPMIN', Q.ready, count)
   local acc = new_acc(now, lease)
   for i = 1, #popped, 2 do
     local delivery = lease_to(popped[i], worker, acc)
-    if delivery then out[#out + 1] = delivery end
+    if delivery then
+      out[#out + 1] = delivery
+      leased = leased + 1
+    end
   end
   settle_acc(acc)
 end
 local member = lease .. ':' .. worker
-if idle_ttl > 0 and #out - 1 < count then
+if idle_ttl > 0 and count > 0 and leased < count then
   redis.call('ZADD', Q.idle, int(now + idle_ttl), member)
 else
   redis.call('ZREM', Q.idle, member)
 end
 
--- 4. When to look again even if nobody hands us anything.
+-- 5. When to look again even if nobody hands us anything.
 local nxt = -1
 local d = redis.call('ZRANGE', Q.delayed, 0, 0, 'WITHSCORES')
 if #d > 0 then nxt = tonumber(d[2]) end

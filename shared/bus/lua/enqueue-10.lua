@@ -4,8 +4,8 @@
 -- ARGV[5] dedupe prefix   ARGV[6] 1 to compute positions, 0 not to
 -- then 9 per message: id, level (0-3), delay ms (0 = ready now), dedupe key ('' = none),
 --   dedupe ttl ms, max retries, type, owner, message JSON.
---   An id the caller chose is checked for an existing task; a generated id is unique by
---   construction, so the producer marks it with a leading '+' to skip the check.
+--   An id is checked for an existing task (enqueueing a message again is a no-op), except one
+--   marked with a leading '+': generated inside this very call (enqueue_batch), it cannot exist.
 -- Announces: one 'queued' event per message when enqueued alone; a batch announces its created
 --   messages in one event whose `ids` field lists them, comma-separated (one XADD, not n).
 -- Returns: {duplicates, positions}: duplicates lists, for each message that already existed,
@@ -14,7 +14,7 @@
 local dp, want_position = ARGV[5], ARGV[6] == '1'
 local now = now_ms()
 local now_s = int(now)
-local scores = {int(now), int(Q.weight + now), int(2 * Q.weight + now), int(3 * Q.weight + now)}
+local delayed_any = false
 local dups, ids_in_order = {}, {}
 local added = {0, 0, 0, 0}
 local created = 0
@@ -45,13 +45,14 @@ for i = 7, #ARGV, 9 do
     ids_in_order[n] = existing
   else
     if dkey ~= '' then redis.call('SET', dp .. dkey, id, 'PX', ARGV[i + 4]) end
-    local key, score = Q.tp .. id, scores[level + 1]
+    local key, score = Q.tp .. id, int(ready_score(level))
     redis.call('HSET', key, 'msg', ARGV[i + 8], 'type', typ, 'prio', ARGV[i + 1], 'owner', owner,
       'status', 'queued', 'score', score, 'enq', now_s, 'max', ARGV[i + 5])
     if delay > 0 then
       local due = int(now + delay)
       redis.call('ZADD', Q.delayed, due, id)
       redis.call('HSET', key, 'ready', due)
+      delayed_any = true
     else
       zadd[#zadd + 1] = score; zadd[#zadd + 1] = id
       added[level + 1] = added[level + 1] + 1
@@ -77,8 +78,10 @@ end
 for level = 0, 3 do
   if added[level + 1] > 0 then redis.call('HINCRBY', Q.depth, level, added[level + 1]) end
 end
+save_stamp()
 if created > 0 then
   redis.call('HINCRBY', Q.stats, 'enqueued', created)
   serve_idle(now)
+  if delayed_any then wake_idle(now) end
 end
 return {dups, positions}

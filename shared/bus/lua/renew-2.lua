@@ -11,7 +11,7 @@ for i = 4, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
   local f = redis.call('HMGET', tp .. id, 'status', 'dlv')
   if f[1] == 'processing' and f[2] == token then
-    redis.call('ZADD', leases, now + lease, id)
+    redis.call('ZADD', leases, string.format('%.0f', now + lease), id)
   else
     lost[#lost + 1] = id
   end

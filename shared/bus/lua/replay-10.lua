@@ -16,7 +16,7 @@ for _, id in ipairs(ids) do
     local key = Q.tp .. id
     local f = redis.call('HMGET', key, 'prio', 'type', 'owner', 'msg')
     if f[1] and f[4] then
-      local score = tonumber(f[1]) * Q.weight + now
+      local score = int(ready_score(f[1]))
       redis.call('HSET', key, 'status', 'queued', 'att', 0, 'score', score, 'ready', now)
       redis.call('HDEL', key, 'finished')
       redis.call('ZADD', Q.ready, score, id)
@@ -28,6 +28,7 @@ for _, id in ipairs(ids) do
     end
   end
 end
+save_stamp()
 if n > 0 then
   redis.call('HINCRBY', Q.stats, 'replayed', n)
   serve_idle(now)

@@ -15,16 +15,17 @@ local ttl, ratep = ARGV[5], ARGV[6]
 local now = now_ms()
 local out = {}
 local counts = {processed = 0, retried = 0, failed = 0}
-local requeued = false
+local requeued, delayed_any = false, false
 local INLINE_RESULT = 16384  -- results up to this size ride along in the event itself
 
 -- Put a message back in the queue: delayed, or ready at `score` (default: the back of its level).
 local function requeue(key, id, level, delay, score)
   if delay > 0 then
-    redis.call('ZADD', Q.delayed, now + delay, id)
-    redis.call('HSET', key, 'status', 'queued', 'ready', now + delay)
+    redis.call('ZADD', Q.delayed, int(now + delay), id)
+    redis.call('HSET', key, 'status', 'queued', 'ready', int(now + delay))
+    delayed_any = true
   else
-    score = score or (tonumber(level) * Q.weight + now)
+    score = score or int(ready_score(level))
     redis.call('ZADD', Q.ready, score, id)
     redis.call('HINCRBY', Q.depth, level, 1)
     redis.call('HSET', key, 'status', 'queued', 'score', score, 'ready', now)
@@ -82,5 +83,7 @@ for name, n in pairs(counts) do
     redis.call('EXPIRE', rate, 180)
   end
 end
+save_stamp()
 if requeued then serve_idle(now) end
+if delayed_any then wake_idle(now) end
 return out
