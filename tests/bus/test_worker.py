@@ -295,7 +295,8 @@ async def test_a_handler_raising_timeout_error_itself_is_an_ordinary_failure(mak
 
     assert record.status is TaskStatus.DEAD  # not "timeout": the deadline never passed
     assert record.attempts == 2
-    assert record.error is not None and "TimeoutError" in record.error.message
+    assert record.error is not None and record.error.code == "TimeoutError"
+    assert record.error.message == "upstream did not answer"
 
 
 # -- 4. cancel ----------------------------------------------------------------------------------
