@@ -53,7 +53,7 @@ class AdaptiveLimiter:
     def report_rate_limited(self) -> None:
         """The downstream said "slow down": decrease, and restart the quiet clock."""
         self.reports += 1
-        self._limit = max(self.minimum, self._limit - self.decrease)
+        self._limit = max(self.minimum, self.limit - self.decrease)  # from the limit quiet time earned
         self._since = self._clock()
 
     def try_acquire(self, n: int = 1) -> int:

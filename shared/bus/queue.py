@@ -36,6 +36,7 @@ from .scripts import Scripts
 STRICT_LEVEL_WEIGHT_US = 10 * 365 * 86_400 * 10**6  # 10 years: no message ever ages past a level
 # (3 levels of it plus a microsecond clock stay below 2**53, so every score is an exact double)
 ARGS_PER_MESSAGE = 9  # see enqueue-10.lua
+MAX_DEQUEUE = 1000  # messages leased per dequeue call (dequeue-10.lua caps it too)
 MAX_BATCH_ARGS = ARGS_PER_MESSAGE * 1000  # 1,000 messages per enqueue script call
 
 
@@ -379,6 +380,7 @@ class Queue:
         With ``idle_seconds`` > 0, a worker that got fewer than ``count`` is registered as idle for
         that long: the next enqueue leases a message to it and pushes it to its inbox.
         """
+        count = max(0, min(count, MAX_DEQUEUE))  # at most this many a call; 0 only does upkeep
         lease = _ms(lease_seconds or self.lease_seconds)
         flat = await self._run_layout("dequeue", [count, lease, worker, _ms(idle_seconds)])
         return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)

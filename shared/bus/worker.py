@@ -27,7 +27,7 @@ from pydantic_core import PydanticSerializationError
 from .errors import BusConnectionError, RateLimited, Reject, Retry
 from .handlers import Context, Handler, Router
 from .limiter import AdaptiveLimiter
-from .queue import Delivery, Queue, dumps
+from .queue import MAX_DEQUEUE, Delivery, Queue, dumps
 
 log = logging.getLogger("meetmesh.worker")
 TRACEBACK_LIMIT = 8192
@@ -55,7 +55,7 @@ class Worker:
         self.lease_seconds = lease_seconds or queue.lease_seconds
         self.grace_seconds = grace_seconds
         self.poll_seconds = poll_seconds
-        self.batch = batch
+        self.batch = min(batch, MAX_DEQUEUE)
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(2).hex()}"
         self.processed = 0
         self.failed = 0
@@ -67,6 +67,7 @@ class Worker:
         self._async: dict[str, bool] = {}  # message type -> is its handler a coroutine function
         self._pending: list[Any] = []  # flat settle entries
         self._slot = asyncio.Event()
+        self._stop_event = asyncio.Event()
         self._settle_now = asyncio.Event()
         self._stopping = False
         self._started = False
@@ -79,6 +80,7 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_event.set()
         self._slot.set()
         if self._started:  # unblock the inbox wait at once
             self._nudge = asyncio.get_running_loop().create_task(self.queue.nudge(self.id))
@@ -135,20 +137,18 @@ class Worker:
         backoff = 0.05
         while not self._stopping:
             free = await self._free_slots()
-            started = 0
+            if free <= 0:
+                continue
             try:
-                started = await self._fetch(free)
+                await self._fetch(free)
                 backoff = 0.05
             except BusConnectionError as exc:
                 log.warning("worker %s: %s; retrying in %.2fs", self.id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            finally:
-                if self.limiter:  # slots reserved but not taken by a handler go back
-                    self.limiter.release(free - started)
 
     async def _free_slots(self) -> int:
-        """Wait until a handler slot is free; returns how many are (and reserves them on the limiter)."""
+        """Wait until a handler slot is free; returns how many are, reserved on the limiter if any."""
         while not self._stopping:
             free = min(self.concurrency - len(self._running), self.batch)
             if free <= 0:
@@ -162,29 +162,58 @@ class Worker:
                 return free
             granted = self.limiter.try_acquire(free)
             if granted == 0:
-                await self.limiter.acquire()
+                if not await self._acquire_slot():
+                    break
                 granted = 1 + self.limiter.try_acquire(free - 1)
-            if self._stopping:
-                self.limiter.release(granted)
-                break
             return granted
         return 0
 
-    async def _fetch(self, free: int) -> int:
-        """Lease up to ``free`` messages and start them; when the queue is dry, wait for a hand-off."""
-        if free <= 0:
-            return 0
+    async def _acquire_slot(self) -> bool:
+        """Wait for one limiter slot; False (holding none) when the worker is stopped meanwhile."""
+        assert self.limiter is not None
+        acquire = asyncio.ensure_future(self.limiter.acquire())
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            await asyncio.gather(acquire, return_exceptions=True)
+        got = acquire.done() and not acquire.cancelled() and acquire.exception() is None
+        if got and self._stopping:
+            self.limiter.release()
+            return False
+        return got
+
+    def _unreserve(self, n: int) -> None:
+        if self.limiter and n > 0:
+            self.limiter.release(n)
+
+    async def _fetch(self, free: int) -> None:
+        """Lease up to ``free`` reserved slots' worth and start them; slots not taken go back at
+        once. When the queue is dry, wait (holding no slot) for a hand-off."""
         idle_seconds = self.poll_seconds + 0.5  # outlives one inbox wait, not much more
-        deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds)
+        try:
+            deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds)
+        except BaseException:
+            self._unreserve(free)
+            raise
         started = sum(self._start(d) for d in deliveries)
+        self._unreserve(free - started)
         if len(deliveries) < free and not self._stopping:
             timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in)
             handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
             if handed is not None:
-                started += self._start(handed)
+                await self._start_handed(handed)
         else:
             await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
-        return started
+
+    async def _start_handed(self, delivery: Delivery) -> None:
+        """Run a message handed to our inbox (already leased to us) once a limiter slot is ours."""
+        if self.limiter and not self.limiter.try_acquire() and not await self._acquire_slot():
+            self._settle(delivery, "release")  # stopping: let another worker take it at once
+            return
+        if not self._start(delivery):
+            self._unreserve(1)
 
     def _start(self, delivery: Delivery) -> bool:
         """Run a delivery's handler; True when a handler task (which holds a slot) was started."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shared.bus import AdaptiveLimiter, RateLimited, Router
+from shared.bus import AdaptiveLimiter, RateLimited, Router, Worker
 
 
 class FakeClock:
@@ -149,20 +149,20 @@ async def test_acquire_blocks_at_the_limit_and_release_unblocks(clock: FakeClock
     await asyncio.wait_for(limiter.acquire(), 1)
     assert limiter.held == 2
     assert limiter.available == 0
-    assert limiter.try_acquire() is False
+    assert limiter.try_acquire() == 0
 
     waiter = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0.05)
     assert not waiter.done(), "acquire returned although the limit was reached"
     assert limiter.held == 2
 
-    await limiter.release()
+    limiter.release()
     await asyncio.wait_for(waiter, 2)
     assert limiter.held == 2
 
-    await limiter.release()
+    limiter.release()
     assert limiter.held == 1
-    assert limiter.try_acquire() is True
+    assert limiter.try_acquire() == 1
     assert limiter.held == 2
 
 
@@ -174,11 +174,11 @@ async def test_a_drop_does_not_revoke_held_slots_but_gates_new_ones(clock: FakeC
     assert limiter.held == 4
     assert limiter.available == 0
     waiter = asyncio.create_task(limiter.acquire())
-    await limiter.release()  # 3 held: still not under 2
-    await limiter.release()  # 2 held: still not under 2
+    limiter.release()  # 3 held: still not under 2
+    limiter.release()  # 2 held: still not under 2
     await asyncio.sleep(0.05)
     assert not waiter.done(), "a new slot was granted while held >= the lowered limit"
-    await limiter.release()  # 1 held: now there is room
+    limiter.release()  # 1 held: now there is room
     await asyncio.wait_for(waiter, 2)
     assert limiter.held == 2
 
@@ -192,8 +192,6 @@ async def test_context_manager_holds_a_slot(clock: FakeClock) -> None:
     assert limiter.held == 0
 
 
-@pytest.mark.xfail(reason="BUG: AdaptiveLimiter.acquire() waiters are only woken by release(), "
-                          "not when quiet time raises the limit", strict=True)
 async def test_waiter_gets_a_slot_when_quiet_time_raises_the_limit() -> None:
     limiter = AdaptiveLimiter(initial=2, minimum=2, maximum=3, quiet_seconds=0.2)  # real clock
     assert limiter.try_acquire() and limiter.try_acquire()
@@ -294,10 +292,30 @@ async def test_context_report_rate_limited_shrinks_the_limiter(make_queue: Calla
     assert limiter.limit == 10
 
 
-@pytest.mark.xfail(reason="BUG: the Worker reads limiter.limit but never acquires slots, so a limiter "
-                          "shared by two workers lets each run up to the limit", strict=True)
+class Fleet:
+    """Workers run in the background, all stopped together with a bounded wait."""
+
+    def __init__(self) -> None:
+        self.workers: list[Worker] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, worker: Worker) -> Worker:
+        self.workers.append(worker)
+        self.tasks.append(asyncio.create_task(worker.run()))
+        return worker
+
+    async def stop(self, timeout: float = 10.0) -> bool:
+        """Stop every worker; True when all of them finished within ``timeout``."""
+        for worker in self.workers:
+            worker.stop()
+        _, pending = await asyncio.wait(self.tasks, timeout=timeout) if self.tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        return not pending
+
+
 async def test_a_shared_limiter_bounds_the_total_across_workers(make_queue: Callable[..., Any],
-                                                                 run_worker: Callable[..., Any],
                                                                  clock: FakeClock) -> None:
     a, b = make_queue("a"), make_queue("b")
     limiter = AdaptiveLimiter(initial=2, minimum=2, maximum=2, clock=clock)
@@ -308,8 +326,66 @@ async def test_a_shared_limiter_bounds_the_total_across_workers(make_queue: Call
 
     ea = await a.enqueue_many([a.message("work", i) for i in range(10)])
     eb = await b.enqueue_many([b.message("work", i) for i in range(10)])
-    async with run_worker(a, {"work": work}, limiter=limiter), run_worker(b, {"work": work}, limiter=limiter):
+    fleet = Fleet()
+    try:
+        fleet.start(Worker(a, {"work": work}, limiter=limiter, poll_seconds=0.1))
+        fleet.start(Worker(b, {"work": work}, limiter=limiter, poll_seconds=0.1))
         for q, batch in ((a, ea), (b, eb)):
             for e in batch:
                 assert (await q.wait(e.id, timeout=20)).status == "completed"
+    finally:
+        assert await fleet.stop(), "workers sharing a limiter did not stop"
     assert seen.max <= 2, f"{seen.max} handlers ran at once under one limiter with a limit of 2"
+    assert limiter.held == 0, "slots leaked"
+
+
+async def test_an_idle_worker_does_not_starve_others_sharing_its_limiter(make_queue: Callable[..., Any],
+                                                                         clock: FakeClock) -> None:
+    idle_queue, busy_queue = make_queue("idle"), make_queue("busy")
+    limiter = AdaptiveLimiter(initial=2, minimum=2, maximum=2, clock=clock)  # frozen clock
+
+    async def work(ctx: Any) -> None:
+        await asyncio.sleep(0.01)
+
+    fleet = Fleet()
+    try:
+        fleet.start(Worker(idle_queue, {"work": work}, limiter=limiter))  # nothing to do
+        await asyncio.sleep(0.3)  # it is now waiting for work
+        out = await busy_queue.enqueue_many([busy_queue.message("work", i) for i in range(5)])
+        fleet.start(Worker(busy_queue, {"work": work}, limiter=limiter))
+        for e in out:
+            assert (await busy_queue.wait(e.id, timeout=5)).status == "completed"
+    finally:
+        assert await fleet.stop()
+
+
+async def test_stop_interrupts_a_worker_waiting_for_a_limiter_slot(make_queue: Callable[..., Any],
+                                                                   clock: FakeClock) -> None:
+    queue = make_queue()
+    limiter = AdaptiveLimiter(initial=2, minimum=2, maximum=2, clock=clock)
+    assert limiter.try_acquire(2) == 2  # another user of the limiter holds every slot
+    worker = Worker(queue, {"work": lambda ctx: None}, limiter=limiter)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.2)
+        worker.stop()
+        await asyncio.wait_for(asyncio.shield(task), 3)
+    finally:
+        limiter.release(2)
+        await asyncio.wait_for(task, 10)
+
+
+def test_a_report_after_a_quiet_spell_drops_from_the_grown_limit() -> None:
+    results = []
+    for look in (True, False):
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(clock=clock)
+        for _ in range(5):
+            limiter.report_rate_limited()  # 2
+        clock.advance(10 * 60)  # ten quiet minutes: the limit is back at 12
+        if look:
+            assert limiter.limit == 12
+        limiter.report_rate_limited()
+        results.append(limiter.limit)
+    assert results == [10, 10], (
+        f"after the report: {results[0]} if the limit was read first, else {results[1]}")
