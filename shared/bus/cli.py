@@ -240,11 +240,17 @@ def demo(
     open_queue(queue, max_retries=2, retry_base_seconds=0.2)(lambda q: run_demo(q, jobs, rounds, console))
 
 
-def _bench_queue(jobs: int, concurrency: int, rate: float, as_json: bool) -> None:
+def _bench_queue(jobs: int, concurrency: int, rate: float, latency_jobs: int, as_json: bool) -> None:
     from .bench import bench_queue
+    from .embedded import ensure_redis
 
-    settings = BusSettings.load()
-    result = run(lambda: bench_queue(settings.redis_url, jobs=jobs, concurrency=concurrency, rate=rate))
+    async def main() -> dict[str, Any]:
+        url, redis = await ensure_redis(BusSettings.load().redis_url)
+        await redis.aclose()
+        return await bench_queue(url, jobs=jobs, concurrency=concurrency, rate=rate,
+                                 latency_jobs=latency_jobs)
+
+    result = run(main)
     if as_json:
         echo_json(result)
     else:
@@ -257,10 +263,11 @@ def bench_queue_cmd(
     jobs: Annotated[int, typer.Option(min=100, help="Jobs per throughput phase.")] = 20_000,
     concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 100,
     rate: Annotated[float, typer.Option(help="Fixed arrival rate for the latency phase, jobs/s.")] = 500.0,
+    latency_jobs: Annotated[int, typer.Option(min=10, help="Jobs sent in the latency phase.")] = 2_000,
     as_json: JsonFlag = False,
 ) -> None:
     """Enqueue rate (single, batched), one worker process's drain rate, start latency at a fixed rate."""
-    _bench_queue(jobs, concurrency, rate, as_json)
+    _bench_queue(jobs, concurrency, rate, latency_jobs, as_json)
 
 
 def main() -> None:

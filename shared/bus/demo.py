@@ -48,9 +48,10 @@ async def run_demo(queue: Queue, jobs: int, rounds: int, console: Console) -> No
         while not runner.done() and (rounds == 0 or round_no < rounds):
             round_no += 1
             batch = []
-            for _ in range(jobs):
+            levels = [PRIORITIES[i % len(PRIORITIES)] for i in range(jobs)]
+            random.shuffle(levels)  # every level, in a mixed order
+            for p in levels:
                 n += 1
-                p = random.choice(PRIORITIES)
                 batch.append(queue.message("demo.work", {"n": n, "flaky": n % 17 == 0}, priority=p))
             t0 = time.perf_counter()
             await queue.enqueue_many(batch)
