@@ -374,15 +374,20 @@ class Queue:
     # -- the worker's side ----------------------------------------------------------------------
 
     async def dequeue(self, count: int, worker: str, lease_seconds: float | None = None,
-                      idle_seconds: float = 0.0) -> tuple[list[Delivery], float | None]:
+                      idle_seconds: float = 0.0, settle: list[Any] | None = None
+                      ) -> tuple[list[Delivery], float | None]:
         """Lease up to ``count`` messages. Returns them and the seconds until something else is due.
 
         With ``idle_seconds`` > 0, a worker that got fewer than ``count`` is registered as idle for
-        that long: the next enqueue leases a message to it and pushes it to its inbox.
+        that long: the next enqueue leases a message to it and pushes it to its inbox. ``settle``
+        entries (as for `settle`) are applied first, in the same script.
         """
         count = max(0, min(count, MAX_DEQUEUE))  # at most this many a call; 0 only does upkeep
         lease = _ms(lease_seconds or self.lease_seconds)
-        flat = await self._run_layout("dequeue", [count, lease, worker, _ms(idle_seconds)])
+        args = [count, lease, worker, _ms(idle_seconds)]
+        if settle:
+            args += [_ms(self.record_ttl), self.keys.rate_prefix, *settle]
+        flat = await self._run_layout("dequeue", args)
         return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)
 
     async def settle(self, entries: list[Any]) -> list[int]:

@@ -192,11 +192,15 @@ class Worker:
         """Lease up to ``free`` reserved slots' worth and start them; slots not taken go back at
         once. When the queue is dry, wait (holding no slot) for a hand-off."""
         idle_seconds = self.poll_seconds + 0.5  # outlives one inbox wait, not much more
+        acks, self._pending = self._pending, []  # finished outcomes ride along
         try:
-            deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds)
+            deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds,
+                                                          settle=acks)
         except BaseException:
+            self._pending = acks + self._pending  # kept for the next try (a repeat is fenced off)
             self._unreserve(free)
             raise
+        self._settled(acks)
         started = sum(self._start(d) for d in deliveries)
         self._unreserve(free - started)
         if len(deliveries) < free and not self._stopping:
@@ -390,9 +394,12 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            for i in range(0, len(batch), 5):
-                self._forget(batch[i], batch[i + 1])
-                self._releasing.discard(batch[i])
+            self._settled(batch)
+
+    def _settled(self, entries: list[Any]) -> None:
+        for i in range(0, len(entries), 5):
+            self._forget(entries[i], entries[i + 1])
+            self._releasing.discard(entries[i])
 
     async def _renew_loop(self) -> None:
         interval = self.lease_seconds / 3

@@ -1,13 +1,15 @@
--- Lease up to COUNT messages to one worker, after reclaiming expired leases and promoting due
--- delayed messages. A worker that got fewer than it asked for is registered as idle, so the next
+-- Settle what the worker finished, then lease it up to COUNT messages, after reclaiming expired
+-- leases and promoting due delayed messages: acks and the next batch share one round trip. A worker that got fewer than it asked for is registered as idle, so the next
 -- enqueue hands it a message directly (see serve_idle).
 -- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
 -- ARGV[5] count   ARGV[6] lease ms   ARGV[7] worker id   ARGV[8] idle registration ttl ms (0: don't)
+-- ARGV[9] record ttl ms   ARGV[10] per-second rate key prefix   then settle entries, as settle-10.lua
 -- Returns: {ms until the next delayed message or lease deadline (-1: none), then one delivery
 --   string per leased message (see lease_to)}
 local count, lease, worker, idle_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 count = math.min(count, 1000)  -- bounded batches keep unpack() within Lua's stack
 local now = now_ms()
+if #ARGV > 10 then settle_from(11, ARGV[9], ARGV[10]) end
 
 -- 1. Leases whose worker died: back to the front of their level, or dead when out of attempts.
 --    A delivery still unread in the worker's inbox never ran: it is taken back, uncharged.
