@@ -74,16 +74,17 @@ end
 -- Depth decrements and start-latency samples are collected in `acc` and applied by settle_acc.
 local function lease_to(id, worker, acc)
   local key = Q.tp .. id
-  local f = redis.call('HMGET', key, 'msg', 'prio', 'ready', 'type', 'owner', 'status', 'enq')
+  local f = redis.call('HMGET', key, 'msg', 'prio', 'ready', 'type', 'owner', 'status', 'enq', 'att', 'dlv')
   if f[2] then acc.taken[f[2]] = (acc.taken[f[2]] or 0) + 1 end
   if not f[1] then
     bury(id, 'dead', f[4], f[5], task_error('malformed', 'the task record has no message body'), acc.now)
     return nil
   end
   if f[6] ~= 'queued' then return nil end  -- stale entry: the record moved on
-  local att = tostring(redis.call('HINCRBY', key, 'att', 1))
-  local dlv = tostring(redis.call('HINCRBY', key, 'dlv', 1))
-  redis.call('HSET', key, 'status', 'processing', 'started', acc.now_s, 'worker', worker)
+  local att = tostring((tonumber(f[8]) or 0) + 1)
+  local dlv = tostring((tonumber(f[9]) or 0) + 1)
+  redis.call('HSET', key, 'status', 'processing', 'started', acc.now_s, 'worker', worker, 'att', att,
+    'dlv', dlv)
   acc.leases[#acc.leases + 1] = acc.deadline_s
   acc.leases[#acc.leases + 1] = id
   acc.lats[#acc.lats + 1] = int(acc.now - tonumber(f[3] or f[7]))
@@ -100,9 +101,8 @@ end
 local function settle_acc(acc)
   if #acc.leases > 2 then redis.call(unpack(acc.leases)) end
   for level, n in pairs(acc.taken) do redis.call('HINCRBY', Q.depth, level, -n) end
-  if #acc.lats > 0 then
-    redis.call('LPUSH', Q.latency, unpack(acc.lats))
-    redis.call('LTRIM', Q.latency, 0, 999)
+  if #acc.lats > 0 and redis.call('LPUSH', Q.latency, unpack(acc.lats)) > 1100 then
+    redis.call('LTRIM', Q.latency, 0, 999)  -- the last ~1,000 samples
   end
 end
 
@@ -120,9 +120,8 @@ end
 -- "lease_ms:worker". Returns how many were served.
 local function serve_idle(now)
   if redis.call('EXISTS', Q.paused) == 1 then return 0 end
-  redis.call('ZREMRANGEBYSCORE', Q.idle, '-inf', now - 1)
-  local served = 0
-  for _, member in ipairs(redis.call('ZRANGE', Q.idle, 0, -1)) do
+  local served = 0  -- expired registrations are skipped here and dropped by dequeue
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', Q.idle, now, '+inf')) do
     local lease, worker = string.match(member, '^(%d+):(.+)$')
     local acc = new_acc(now, tonumber(lease))
     local delivery = nil

@@ -87,6 +87,7 @@ if count > 0 and not paused then
   settle_acc(acc)
 end
 local member = lease .. ':' .. worker
+redis.call('ZREMRANGEBYSCORE', Q.idle, '-inf', now - 1)  -- registrations whose worker stopped polling
 if idle_ttl > 0 and count > 0 and leased < count then
   redis.call('ZADD', Q.idle, int(now + idle_ttl), member)
 else

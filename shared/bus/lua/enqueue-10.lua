@@ -71,12 +71,12 @@ if #ids > 0 then
   redis.call('XADD', Q.events, 'MAXLEN', '~', Q.maxlen, '*', 'ids', table.concat(ids, ','),
     'status', 'queued', 'count', #ids)
 end
-local positions = {}
-if want_position then  -- after the batch is in, so positions account for all of it
-  for j = 1, #ids_in_order do positions[j] = position(ids_in_order[j]) end
-end
 for level = 0, 3 do
   if added[level + 1] > 0 then redis.call('HINCRBY', Q.depth, level, added[level + 1]) end
+end
+local positions = {}
+if want_position then  -- before hand-offs: a message handed to a worker at once had 0 before it
+  for j = 1, #ids_in_order do positions[j] = position(ids_in_order[j]) end
 end
 save_stamp()
 if created > 0 then
