@@ -16,9 +16,10 @@ from .errors import (
 )
 from .handlers import Context, Handler, Router
 from .keys import QueueKeys
+from .leases import Delivery
 from .limiter import AdaptiveLimiter
 from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
-from .queue import Delivery, Enqueued, Queue
+from .queue import Enqueued, Queue
 from .records import QueueStats
 from .settings import BusSettings
 from .worker import Worker

@@ -20,6 +20,8 @@ Handler signals (raised by a handler, caught by the worker)::
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class BusError(Exception):
     """Root of every error the bus raises."""
@@ -86,3 +88,12 @@ class Reject(HandlerSignal):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def describe(exc: Exception) -> str:
+    """One line for a validation error: where, and what (pydantic's first complaint)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        return f"{where}: {err['msg']}"
+    return str(exc)

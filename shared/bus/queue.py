@@ -27,16 +27,16 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound
+from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound, describe
 from .keys import DEFAULT_PREFIX, QueueKeys
-from .message import Message, TaskRecord, TaskStatus, new_id, new_trace
+from .leases import LeaseOps, to_ms
+from .message import Message, TaskRecord, TaskStatus, new_id, new_traceparent
 from .records import QueueStats, parse_record, parse_stats
 from .scripts import Scripts
 
 STRICT_LEVEL_WEIGHT_US = 10 * 365 * 86_400 * 10**6  # 10 years: no message ever ages past a level
 # (3 levels of it plus a microsecond clock stay below 2**53, so every score is an exact double)
 ARGS_PER_MESSAGE = 9  # see enqueue-10.lua
-MAX_DEQUEUE = 1000  # messages leased per dequeue call (dequeue-10.lua caps it too)
 MAX_BATCH_ARGS = ARGS_PER_MESSAGE * 1000  # 1,000 messages per enqueue script call
 
 
@@ -49,24 +49,7 @@ class Enqueued:
     position: int | None
 
 
-@dataclass(slots=True)
-class Delivery:
-    """A leased message, as a worker receives it. ``token`` fences this delivery's settlement.
-
-    ``message`` is None when the stored body could not be parsed; ``error`` then says why.
-    """
-
-    id: str
-    token: str
-    message: Message | None
-    error: str | None = None
-
-
-def _ms(seconds: float) -> int:
-    return max(0, math.ceil(seconds * 1000))
-
-
-class Queue:
+class Queue(LeaseOps):
     """A named priority queue. Cheap to create; all state lives in Redis.
 
     Per-queue defaults apply to messages that do not set their own ``max_retries`` or ``timeout``.
@@ -128,6 +111,27 @@ class Queue:
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
             raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
 
+    async def _stream(self, script: str, calls: Iterable[list[Any]]) -> list[Any]:
+        """Run a layout script once per element of ``calls``, in order, on one connection: each call
+        is sent as soon as it is built and the answers are read at the end, so Redis runs call k
+        while call k+1 is being built (a pipeline builds them all before sending any)."""
+        sha = await self._scripts.load(script)
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            sent = 0
+            for args in calls:
+                await conn.send_command("EVALSHA", sha, len(self._layout), *self._layout, *self._head, *args)
+                sent += 1
+            return [await conn.read_response() for _ in range(sent)]
+        except BaseException as exc:
+            await conn.disconnect()  # answers may be left unread: this connection is not reusable
+            if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
+                raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
+            raise
+        finally:
+            await pool.release(conn)
+
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._scripts.run(script, keys, args)
@@ -141,7 +145,7 @@ class Queue:
         try:
             return Message(type=type, payload=payload, **fields)
         except ValidationError as exc:
-            raise InvalidMessage(f"invalid message: {_first_error(exc)}") from exc
+            raise InvalidMessage(f"invalid message: {describe(exc)}") from exc
 
     async def enqueue(
         self,
@@ -175,7 +179,7 @@ class Queue:
         answers each message's position (one more lookup per message).
         """
         delay_ms = self._delay_ms(delay, at)
-        ttl_ms = str(_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
+        ttl_ms = str(to_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
         args: list[Any] = []
         for m in messages:
             args.extend(self._pack(m, delay_ms, ttl_ms))
@@ -194,28 +198,46 @@ class Queue:
         """Enqueue one message of ``type`` per payload, sharing ``fields`` (priority, owner, ...).
 
         The bulk path: the shared fields are validated once, through one `Message`, and each
-        message is then only its payload serialised into a copy of it, so building costs a few
-        microseconds a message instead of a full model validation. Nothing is written if a
-        payload does not serialise or is too large.
+        message is only its payload serialised and spliced into their JSON, a few microseconds
+        instead of a full model validation. Every payload is serialised before anything is sent,
+        so nothing is written if one is not JSON or too large. Then chunks of 1,000 (each one
+        atomic) are built and sent in order on one connection while Redis runs the one before;
+        should the connection drop midway, the chunks before the drop stay enqueued.
         """
         if "id" in fields or "dedupe_key" in fields:
             raise InvalidMessage("enqueue_batch gives every message its own id and no dedupe key; "
                                  "use enqueue_many for those")
         proto = self.message(type, None, **fields)
-        common = proto.model_dump(mode="json", exclude_none=True,
-                                  exclude={"id", "payload", "created_at", "trace"})
+        common = dumps(proto.model_dump(mode="json", exclude_none=True,
+                                        exclude={"id", "payload", "created_at", "trace"}))[1:-1]
         retries = self.max_retries if proto.max_retries is None else proto.max_retries
         head = [proto.priority.level, self._delay_ms(delay, at), "", "", retries, type, proto.owner or ""]
-        now = time.time()
-        args: list[Any] = []
-        for payload in payloads:
-            task_id = new_id()
-            fields = {**common, "id": task_id, "payload": payload, "created_at": now, "trace": new_trace()}
-            body = self._checked(proto.type, functools.partial(dumps, fields))
-            args.append("+" + task_id)  # made here, never seen by anyone: no need to look it up
-            args.extend(head)
-            args.append(body)
-        return await self._send(args, positions)
+        # 1. Serialise every payload first: nothing is written if one is bad.
+        now = repr(time.time())
+        overhead = len(_batch_body(new_id(), "", now, new_traceparent(), common).encode())
+        bodies = [self._checked(type, functools.partial(dumps, p), overhead) for p in payloads]
+        if not bodies:
+            return []
+        ids = [new_id() for _ in bodies]
+
+        # 2. Each body is the shared fields' JSON with this message's own spliced in (all JSON
+        #    already: hex ids, a float, the serialised payload), built chunk by chunk while Redis
+        #    runs the previous chunk.
+        def chunks() -> Iterable[list[Any]]:
+            per_call = MAX_BATCH_ARGS // ARGS_PER_MESSAGE
+            for start in range(0, len(bodies), per_call):
+                args: list[Any] = [self.keys.dedupe_prefix, "1" if positions else "0"]
+                for i in range(start, min(start + per_call, len(bodies))):
+                    args.append("+" + ids[i])  # made here, never seen by anyone: no need to look it up
+                    args.extend(head)
+                    args.append(_batch_body(ids[i], bodies[i], now, new_traceparent(), common))
+                yield args
+
+        answers = await self._stream("enqueue", chunks())
+        return [Enqueued(task_id, True, None) for task_id in ids] if not positions else [
+            Enqueued(task_id, True, where[n] if where[n] >= 0 else None)
+            for (_, where), chunk_ids in zip(answers, _split(ids, 1000), strict=True)
+            for n, task_id in enumerate(chunk_ids)]
 
     async def _send(self, args: list[Any], positions: bool) -> list[Enqueued]:
         """Run the enqueue script over packed messages, 1,000 per call; calls run concurrently."""
@@ -236,13 +258,14 @@ class Queue:
                 out.append(Enqueued(task_id, n not in existing, position))
         return out
 
-    def _checked(self, type: str, dump: Callable[[], str]) -> str:
-        """Serialise a message body, refusing one that is not JSON or over the size limit."""
+    def _checked(self, type: str, dump: Callable[[], str], overhead: int = 0) -> str:
+        """Serialise a message body (or a payload, with ``overhead`` bytes around it), refusing
+        one that is not JSON or over the size limit."""
         try:
             body = dump()
         except PydanticSerializationError as exc:
             raise InvalidMessage(f"payload of {type!r} is not JSON-serialisable: {exc}") from exc
-        size = len(body) if body.isascii() else len(body.encode())
+        size = overhead + (len(body) if body.isascii() else len(body.encode()))
         if size > self.max_message_bytes:
             raise MessageTooLarge(size, self.max_message_bytes)
         return body
@@ -263,7 +286,7 @@ class Queue:
             return 0
         if not math.isfinite(delay):
             raise InvalidMessage(f"invalid delay {delay!r}")
-        return _ms(delay)
+        return to_ms(delay)
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -290,7 +313,7 @@ class Queue:
         k = self.keys
         code, before = await self._run(
             "cancel", [k.task(task_id), k.ready, k.delayed, k.leases, k.depth, k.events, k.stats],
-            [task_id, _ms(self.record_ttl), self.events_maxlen, k.control, reason])
+            [task_id, to_ms(self.record_ttl), self.events_maxlen, k.control, reason])
         if code < 0:
             raise TaskNotFound(task_id)
         return TaskStatus(before)
@@ -371,97 +394,16 @@ class Queue:
                 deleted += await self.redis.delete(key)
         return deleted
 
-    # -- the worker's side ----------------------------------------------------------------------
-
-    async def dequeue(self, count: int, worker: str, lease_seconds: float | None = None,
-                      idle_seconds: float = 0.0, settle: list[Any] | None = None
-                      ) -> tuple[list[Delivery], float | None]:
-        """Lease up to ``count`` messages. Returns them and the seconds until something else is due.
-
-        With ``idle_seconds`` > 0, a worker that got fewer than ``count`` is registered as idle for
-        that long: the next enqueue leases a message to it and pushes it to its inbox. ``settle``
-        entries (as for `settle`) are applied first, in the same script.
-        """
-        count = max(0, min(count, MAX_DEQUEUE))  # at most this many a call; 0 only does upkeep
-        lease = _ms(lease_seconds or self.lease_seconds)
-        args = [count, lease, worker, _ms(idle_seconds)]
-        if settle:
-            args += [_ms(self.record_ttl), self.keys.rate_prefix, *settle]
-        flat = await self._run_layout("dequeue", args)
-        return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)
-
-    async def settle(self, entries: list[Any]) -> list[int]:
-        """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-10.lua."""
-        if not entries:
-            return []
-        return list(await self._run_layout("settle", [_ms(self.record_ttl), self.keys.rate_prefix, *entries]))
-
-    async def renew(self, worker: str, held: Iterable[tuple[str, str]], lease_seconds: float | None = None
-                    ) -> list[str]:
-        """Extend the leases in ``held`` (id, token) and heartbeat; returns the ids no longer held."""
-        args: list[Any] = [self.keys.task_prefix, _ms(lease_seconds or self.lease_seconds), worker]
-        for task_id, token in held:
-            args += (task_id, token)
-        return list(await self._run("renew", [self.keys.leases, self.keys.workers], args))
-
-    async def progress(self, task_id: str, token: str, progress: float | None, delta: str = "") -> bool:
-        """Record progress (0..1) and/or a streamed ``delta`` of a running task."""
-        if progress is not None and not 0.0 <= progress <= 1.0:
-            raise InvalidMessage(f"progress must be between 0 and 1, not {progress!r}")
-        k = self.keys
-        done = await self._run("progress", [k.task(task_id), k.events],
-                               [task_id, token, "" if progress is None else repr(float(progress)), delta,
-                                self.events_maxlen])
-        return bool(done)
-
-    async def wait_inbox(self, worker: str, timeout: float) -> Delivery | None:
-        """Block up to ``timeout`` s for a message handed to this idle worker (already leased to it)."""
-        try:
-            got = await self.redis.blpop([self.keys.inbox(worker)], timeout=timeout)  # type: ignore[misc]
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise BusConnectionError(f"Redis unreachable while waiting on queue {self.name!r}") from exc
-        return parse_delivery(got[1]) if got and got[1] else None
-
-    async def nudge(self, worker: str) -> None:
-        """Wake a worker blocked in `wait_inbox` (an empty entry is not a delivery)."""
-        await self.redis.lpush(self.keys.inbox(worker), "")  # type: ignore[misc]
-
-    async def leave(self, worker: str, lease_seconds: float | None = None) -> list[Delivery]:
-        """Deregister an idle worker and return what was handed to it but never taken (to release)."""
-        member = f"{_ms(lease_seconds or self.lease_seconds)}:{worker}"
-        inbox = self.keys.inbox(worker)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.keys.idle, member)
-            pipe.lrange(inbox, 0, -1)
-            pipe.delete(inbox)
-            _, left, _ = await pipe.execute()
-        return [parse_delivery(d) for d in left if d]
-
-    async def forget_worker(self, worker: str) -> None:
-        await self.redis.zrem(self.keys.workers, worker)
-
-
-def parse_delivery(text: str) -> Delivery:
-    """A delivery string from the scripts ("id\\nattempt\\ntoken\\nmessage JSON") -> `Delivery`."""
-    task_id, attempts, token, raw = text.split("\n", 3)
-    try:
-        message = Message.model_validate_json(raw)
-    except ValueError as exc:
-        return Delivery(task_id, token, None, f"malformed message: {_first_error(exc)}")
-    message.attempts = int(attempts)
-    return Delivery(task_id, token, message)
-
-
 def dumps(value: Any) -> str:
     """JSON text of a handler's result or an error (pydantic-core: fast, and knows datetimes etc.)."""
     return to_json(value, inf_nan_mode="constants").decode()
 
 
-def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError) and exc.errors():
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "message"
-        return f"{where}: {err['msg']}"
-    return str(exc)
+def _batch_body(task_id: str, payload: str, now: str, traceparent: str, common: str) -> str:
+    """A message body for enqueue_batch: JSON pieces spliced into the shared fields' JSON."""
+    return (f'{{"id":"{task_id}","payload":{payload},"created_at":{now},'
+            f'"trace":{{"traceparent":"{traceparent}"}},{common}}}')
 
 
+def _split(items: list[str], size: int) -> Iterable[list[str]]:
+    return (items[i:i + size] for i in range(0, len(items), size))

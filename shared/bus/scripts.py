@@ -32,6 +32,12 @@ class Scripts:
             name.rsplit("-", 1)[0]: redis.register_script(source(name)) for name in _NAMES
         }
 
+    async def load(self, name: str) -> str:
+        """Make sure the script is in Redis's cache (SCRIPT LOAD is idempotent); returns its SHA1."""
+        script = self._scripts[name]
+        sha: str = await script.registered_client.script_load(script.script)
+        return sha
+
     async def run(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
         """Run a script; with ``client`` a pipeline, queue it there (the pipeline loads it if need be)."""
         return await self._scripts[name](keys=keys, args=args, client=client)

@@ -26,8 +26,9 @@ from pydantic_core import PydanticSerializationError
 
 from .errors import BusConnectionError, RateLimited, Reject, Retry
 from .handlers import Context, Handler, Router
+from .leases import MAX_DEQUEUE, Delivery
 from .limiter import AdaptiveLimiter
-from .queue import MAX_DEQUEUE, Delivery, Queue, dumps
+from .queue import Queue, dumps
 
 log = logging.getLogger("meetmesh.worker")
 TRACEBACK_LIMIT = 8192

@@ -1329,3 +1329,16 @@ async def test_ready_id_without_a_message_body_is_buried_by_dequeue(make_queue: 
     assert await queue.replay_dead([hollow.id]) == 0
     with pytest.raises(TaskNotFound):
         await queue.get(hollow.id)
+
+
+async def test_enqueue_batch_size_limit_is_exact(make_queue: MakeQueue) -> None:
+    """The bulk path splices payloads into a template; its size check must match the real body."""
+    queue = make_queue(max_message_bytes=400)
+    ok = await queue.enqueue_batch("t", ["x"])
+    body = (await queue.redis.hget(queue.keys.task(ok[0].id), "msg"))
+    room = 400 - len(body.encode())  # bytes left under the limit with a one-character payload
+    fits = "x" * (1 + room)
+    assert len(await queue.enqueue_batch("t", [fits, "é" * ((1 + room) // 2)])) == 2
+    with pytest.raises(MessageTooLarge):
+        await queue.enqueue_batch("t", ["y", fits + "y"])
+    assert (await queue.stats()).enqueued == 3  # the refused batch wrote nothing

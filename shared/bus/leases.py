@@ -1,0 +1,136 @@
+"""The consumer's side of a queue: leasing messages, settling them, renewing leases, hand-offs.
+
+`LeaseOps` is mixed into `Queue`; the `Worker` is its only caller. Every method is one script or
+one command, so a worker's cost per message is what these batch together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from .errors import BusConnectionError, InvalidMessage, describe
+from .keys import QueueKeys
+from .message import Message
+
+MAX_DEQUEUE = 1000  # messages leased per dequeue call (dequeue-10.lua caps it too)
+
+
+def to_ms(seconds: float) -> int:
+    return max(0, math.ceil(seconds * 1000))
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A leased message, as a worker receives it. ``token`` fences this delivery's settlement.
+
+    ``message`` is None when the stored body could not be parsed; ``error`` then says why.
+    """
+
+    id: str
+    token: str
+    message: Message | None
+    error: str | None = None
+
+
+
+def parse_delivery(text: str) -> Delivery:
+    """A delivery string from the scripts ("id\\nattempt\\ntoken\\nmessage JSON") -> `Delivery`."""
+    task_id, attempts, token, raw = text.split("\n", 3)
+    try:
+        message = Message.model_validate_json(raw)
+    except ValueError as exc:
+        return Delivery(task_id, token, None, f"malformed message: {describe(exc)}")
+    message.attempts = int(attempts)
+    return Delivery(task_id, token, message)
+
+
+
+class LeaseOps:
+    """What a worker calls on its queue. Needs the `Queue` attributes declared below."""
+
+    name: str
+    keys: QueueKeys
+    redis: Redis
+    lease_seconds: float
+    record_ttl: float
+    events_maxlen: int
+
+    async def _run_layout(self, script: str, args: list[Any]) -> Any:
+        raise NotImplementedError
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        raise NotImplementedError
+
+    async def dequeue(self, count: int, worker: str, lease_seconds: float | None = None,
+                      idle_seconds: float = 0.0, settle: list[Any] | None = None
+                      ) -> tuple[list[Delivery], float | None]:
+        """Lease up to ``count`` messages. Returns them and the seconds until something else is due.
+
+        With ``idle_seconds`` > 0, a worker that got fewer than ``count`` is registered as idle for
+        that long: the next enqueue leases a message to it and pushes it to its inbox. ``settle``
+        entries (as for `settle`) are applied first, in the same script.
+        """
+        count = max(0, min(count, MAX_DEQUEUE))  # at most this many a call; 0 only does upkeep
+        lease = to_ms(lease_seconds or self.lease_seconds)
+        args = [count, lease, worker, to_ms(idle_seconds)]
+        if settle:
+            args += [to_ms(self.record_ttl), self.keys.rate_prefix, *settle]
+        flat = await self._run_layout("dequeue", args)
+        return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)
+
+    async def settle(self, entries: list[Any]) -> list[int]:
+        """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-10.lua."""
+        if not entries:
+            return []
+        ttl = to_ms(self.record_ttl)
+        return list(await self._run_layout("settle", [ttl, self.keys.rate_prefix, *entries]))
+
+    async def renew(self, worker: str, held: Iterable[tuple[str, str]], lease_seconds: float | None = None
+                    ) -> list[str]:
+        """Extend the leases in ``held`` (id, token) and heartbeat; returns the ids no longer held."""
+        args: list[Any] = [self.keys.task_prefix, to_ms(lease_seconds or self.lease_seconds), worker]
+        for task_id, token in held:
+            args += (task_id, token)
+        return list(await self._run("renew", [self.keys.leases, self.keys.workers], args))
+
+    async def progress(self, task_id: str, token: str, progress: float | None, delta: str = "") -> bool:
+        """Record progress (0..1) and/or a streamed ``delta`` of a running task."""
+        if progress is not None and not 0.0 <= progress <= 1.0:
+            raise InvalidMessage(f"progress must be between 0 and 1, not {progress!r}")
+        k = self.keys
+        done = await self._run("progress", [k.task(task_id), k.events],
+                               [task_id, token, "" if progress is None else repr(float(progress)), delta,
+                                self.events_maxlen])
+        return bool(done)
+
+    async def wait_inbox(self, worker: str, timeout: float) -> Delivery | None:
+        """Block up to ``timeout`` s for a message handed to this idle worker (already leased to it)."""
+        try:
+            got = await self.redis.blpop([self.keys.inbox(worker)], timeout=timeout)  # type: ignore[misc]
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            raise BusConnectionError(f"Redis unreachable while waiting on queue {self.name!r}") from exc
+        return parse_delivery(got[1]) if got and got[1] else None
+
+    async def nudge(self, worker: str) -> None:
+        """Wake a worker blocked in `wait_inbox` (an empty entry is not a delivery)."""
+        await self.redis.lpush(self.keys.inbox(worker), "")  # type: ignore[misc]
+
+    async def leave(self, worker: str, lease_seconds: float | None = None) -> list[Delivery]:
+        """Deregister an idle worker and return what was handed to it but never taken (to release)."""
+        member = f"{to_ms(lease_seconds or self.lease_seconds)}:{worker}"
+        inbox = self.keys.inbox(worker)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.idle, member)
+            pipe.lrange(inbox, 0, -1)
+            pipe.delete(inbox)
+            _, left, _ = await pipe.execute()
+        return [parse_delivery(d) for d in left if d]
+
+    async def forget_worker(self, worker: str) -> None:
+        await self.redis.zrem(self.keys.workers, worker)
