@@ -209,6 +209,7 @@ class Worker:
             handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
             if handed is not None:
                 await self._start_handed(handed)
+                await asyncio.sleep(0)  # its handler starts before our next round trip is sent
         else:
             await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
 
