@@ -174,9 +174,9 @@ class Queue(LeaseOps):
         dedupe_ttl: float | None = None,
         positions: bool = False,
     ) -> list[Enqueued]:
-        """Enqueue a batch: validated first (nothing is written if one is bad), then one round trip
-        per 1,000 messages, each chunk atomic, chunks sent concurrently. ``positions=True`` also
-        answers each message's position (one more lookup per message).
+        """Enqueue a batch: validated first (nothing is written if one is bad), then 1,000 messages
+        per script call, each call atomic, all calls in one pipeline (one round trip, in order).
+        ``positions=True`` also answers each message's position (one more lookup per message).
         """
         delay_ms = self._delay_ms(delay, at)
         ttl_ms = str(to_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
@@ -240,7 +240,7 @@ class Queue(LeaseOps):
             for n, task_id in enumerate(chunk_ids)]
 
     async def _send(self, args: list[Any], positions: bool) -> list[Enqueued]:
-        """Run the enqueue script over packed messages, 1,000 per call; calls run concurrently."""
+        """Run the enqueue script over packed messages, 1,000 per call, the calls pipelined in order."""
         if not args:
             return []
         head = [self.keys.dedupe_prefix, "1" if positions else "0"]
