@@ -23,7 +23,8 @@ def meetmesh(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess
 
 
 @pytest.fixture
-def env(redis_url: str, key_prefix: str) -> dict[str, str]:
+def env(redis_url: str, key_prefix: str, redis: Any) -> dict[str, str]:
+    """The child's environment; asking for `redis` makes the prefix's keys go when the test ends."""
     return {**os.environ, "MEETMESH_REDIS_URL": redis_url, "MEETMESH_KEY_PREFIX": key_prefix}
 
 
