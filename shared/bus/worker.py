@@ -228,8 +228,7 @@ class Worker:
             return False  # this delivery, or a newer one, is already ours
         old = self._running.get(delivery.id)
         if old is not None:  # its lease was reclaimed and it came back to us: the old run is void
-            self._dropped.add(delivery.id)
-            old.cancel()
+            old.cancel()  # its _done sees a newer token held and settles nothing
         self._held[delivery.id] = delivery.token
         if delivery.message is None:  # unparseable body: bury it with the reason, keep going
             self._settle(delivery, "fail", _error("malformed", delivery.error or "malformed message"), "dead")
