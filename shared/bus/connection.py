@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -18,6 +21,29 @@ except ImportError:  # pragma: no cover - hiredis is a dependency; this keeps a 
 from .errors import BusConnectionError, ConfigError
 
 MIN_REDIS = (7, 0)
+UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def unreachable_as_bus_error(what: str) -> Iterator[None]:
+    """Translate redis-py's connection failures inside the block into `BusConnectionError`."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise BusConnectionError(f"Redis unreachable during {what}: {exc}") from exc
+
+
+def translates_unreachable(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """The same, for a whole method whose first argument has a ``name`` (a queue)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        with unreachable_as_bus_error(f"{fn.__name__} on queue {getattr(args[0], 'name', '?')!r}"):
+            return await fn(*args, **kwargs)
+
+    return wrapper
 
 
 class HiredisPackingConnection(Connection):
@@ -71,7 +97,7 @@ async def connect(url: str, **options: Any) -> Redis:
     redis = client(url, **options)
     try:
         info = await redis.info("server")
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+    except UNREACHABLE as exc:
         await redis.aclose()
         raise BusConnectionError(f"cannot reach Redis at {url}: {exc}") from exc
     version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from .errors import BusConnectionError, InvalidMessage, describe
+from .connection import translates_unreachable, unreachable_as_bus_error
+from .errors import InvalidMessage, describe
 from .keys import QueueKeys
 from .message import Message
 
@@ -111,16 +111,16 @@ class LeaseOps:
 
     async def wait_inbox(self, worker: str, timeout: float) -> Delivery | None:
         """Block up to ``timeout`` s for a message handed to this idle worker (already leased to it)."""
-        try:
+        with unreachable_as_bus_error(f"an inbox wait on queue {self.name!r}"):
             got = await self.redis.blpop([self.keys.inbox(worker)], timeout=timeout)  # type: ignore[misc]
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise BusConnectionError(f"Redis unreachable while waiting on queue {self.name!r}") from exc
         return parse_delivery(got[1]) if got and got[1] else None
 
+    @translates_unreachable
     async def nudge(self, worker: str) -> None:
         """Wake a worker blocked in `wait_inbox` (an empty entry is not a delivery)."""
         await self.redis.lpush(self.keys.inbox(worker), "")  # type: ignore[misc]
 
+    @translates_unreachable
     async def leave(self, worker: str, lease_seconds: float | None = None) -> list[Delivery]:
         """Deregister an idle worker and return what was handed to it but never taken (to release)."""
         member = f"{to_ms(lease_seconds or self.lease_seconds)}:{worker}"
@@ -132,5 +132,6 @@ class LeaseOps:
             _, left, _ = await pipe.execute()
         return [parse_delivery(d) for d in left if d]
 
+    @translates_unreachable
     async def forget_worker(self, worker: str) -> None:
         await self.redis.zrem(self.keys.workers, worker)

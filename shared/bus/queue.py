@@ -24,10 +24,10 @@ from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound, describe
+from .connection import translates_unreachable, unreachable_as_bus_error
+from .errors import InvalidMessage, MessageTooLarge, TaskNotFound, describe
 from .keys import DEFAULT_PREFIX, QueueKeys
 from .leases import LeaseOps, to_ms
 from .message import Message, TaskRecord, TaskStatus, new_id, new_traceparent
@@ -103,40 +103,36 @@ class Queue(LeaseOps):
 
     async def _pipeline(self, script: str, calls: list[list[Any]]) -> list[Any]:
         """Run one layout script several times, in order, in one round trip."""
-        try:
+        with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for args in calls:
                     await self._scripts.run(script, self._layout, self._head + args, client=pipe)
                 return list(await pipe.execute())
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
 
     async def _stream(self, script: str, calls: Iterable[list[Any]]) -> list[Any]:
         """Run a layout script once per element of ``calls``, in order, on one connection: each call
         is sent as soon as it is built and the answers are read at the end, so Redis runs call k
         while call k+1 is being built (a pipeline builds them all before sending any)."""
-        sha = await self._scripts.load(script)
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            sent = 0
-            for args in calls:
-                await conn.send_command("EVALSHA", sha, len(self._layout), *self._layout, *self._head, *args)
-                sent += 1
-            return [await conn.read_response() for _ in range(sent)]
-        except BaseException as exc:
-            await conn.disconnect()  # answers may be left unread: this connection is not reusable
-            if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
-                raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
-            raise
-        finally:
-            await pool.release(conn)
+        with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
+            sha = await self._scripts.load(script)
+            pool = self.redis.connection_pool
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                sent = 0
+                for args in calls:
+                    await conn.send_command("EVALSHA", sha, len(self._layout), *self._layout, *self._head,
+                                            *args)
+                    sent += 1
+                return [await conn.read_response() for _ in range(sent)]
+            except BaseException:
+                await conn.disconnect()  # answers may be left unread: this connection is not reusable
+                raise
+            finally:
+                await pool.release(conn)
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        try:
+        with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
             return await self._scripts.run(script, keys, args)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise BusConnectionError(f"Redis unreachable during {script} on queue {self.name!r}") from exc
 
     # -- producing ------------------------------------------------------------------------------
 
@@ -290,6 +286,7 @@ class Queue(LeaseOps):
 
     # -- tasks ----------------------------------------------------------------------------------
 
+    @translates_unreachable
     async def get(self, task_id: str) -> TaskRecord:
         """The task's `TaskRecord` (with its position while queued); raises `TaskNotFound`."""
         k = self.keys
@@ -331,6 +328,7 @@ class Queue(LeaseOps):
 
     # -- dead letters ---------------------------------------------------------------------------
 
+    @translates_unreachable
     async def dead_letters(self, limit: int = 100, offset: int = 0) -> list[TaskRecord]:
         """Dead letters, oldest first, each with its error and traceback."""
         ids = await self.redis.zrange(self.keys.dead, offset, offset + limit - 1)
@@ -350,17 +348,21 @@ class Queue(LeaseOps):
 
     # -- operations -----------------------------------------------------------------------------
 
+    @translates_unreachable
     async def pause(self) -> None:
         """Workers stop taking messages from this queue (running ones finish)."""
         await self.redis.set(self.keys.paused, "1")
 
+    @translates_unreachable
     async def resume(self) -> None:
         await self.redis.delete(self.keys.paused)
         await self._run_layout("wake", [])
 
+    @translates_unreachable
     async def is_paused(self) -> bool:
         return bool(await self.redis.exists(self.keys.paused))
 
+    @translates_unreachable
     async def stats(self, window: int = 60) -> QueueStats:
         """Depths, counters, per-second rates over the last ``window`` seconds, start-latency percentiles."""
         k = self.keys
@@ -381,11 +383,13 @@ class Queue(LeaseOps):
         return parse_stats(self.name, depth, delayed, leases, dead, workers, counters, paused, lat, rates,
                            window)
 
+    @translates_unreachable
     async def events(self, last_id: str = "$", block_ms: int = 1000, count: int = 100) -> list[Any]:
         """Read status-change events after ``last_id`` from the queue's stream (blocking up to block_ms)."""
         answer = await self.redis.xread({self.keys.events: last_id}, count=count, block=block_ms)
         return [(entry_id, fields) for _, entries in answer for entry_id, fields in entries]
 
+    @translates_unreachable
     async def drop(self) -> int:
         """Delete every key of this queue (tests and tear-down). Returns the number of keys deleted."""
         deleted = 0

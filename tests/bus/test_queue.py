@@ -1345,3 +1345,19 @@ async def test_enqueue_batch_size_limit_is_exact(make_queue: MakeQueue) -> None:
     assert (await queue.stats()).enqueued == 3  # the refused batch wrote nothing
     for record in [await queue.get(e.id) for e in ok]:
         assert record.message is not None and record.message.payload == "x"
+
+
+async def test_an_unreachable_redis_is_a_bus_connection_error_everywhere() -> None:
+    """redis-py's errors never leak out of the queue's API: every call says BusConnectionError."""
+    from shared.bus import BusConnectionError
+    from shared.bus.connection import client
+
+    redis = client("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    queue = Queue("q", redis)
+    calls = [queue.enqueue("t"), queue.enqueue_batch("t", [1, 2]), queue.get("x"), queue.cancel("x"),
+             queue.stats(), queue.pause(), queue.dead_letters(), queue.dequeue(1, "w"),
+             queue.wait_inbox("w", 0.1)]
+    for call in calls:
+        with pytest.raises(BusConnectionError, match="Redis unreachable during"):
+            await call
+    await redis.aclose()
