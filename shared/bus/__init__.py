@@ -1,5 +1,7 @@
-"""MeetMesh's bus: reliable priority task queues on Redis, and the worker that runs them."""
+"""MeetMesh's bus: reliable priority task queues on Redis and the worker that runs them; service
+events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-process bus; the scheduler."""
 
+from .catalogue import Event, Payload, make_event
 from .connection import connect
 from .errors import (
     BusConnectionError,
@@ -12,46 +14,69 @@ from .errors import (
     RateLimited,
     Reject,
     Retry,
+    ScheduleNotFound,
     TaskNotFound,
 )
+from .events import BroadcastMessage, DeadEvent, EventBus, EventStats, Listener, Retention
 from .handlers import Context, Handler, Router
-from .keys import QueueKeys
+from .keys import EventKeys, QueueKeys, SchedulerKeys
 from .leases import Delivery
 from .limiter import AdaptiveLimiter
+from .local import BusClosed, LocalBus, LocalBusStats
 from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
 from .records import QueueStats
+from .scheduler import Firing, Schedule, ScheduleInfo, Scheduler
 from .settings import BusSettings
 from .worker import Worker
 
 __all__ = [
     "AdaptiveLimiter",
+    "BroadcastMessage",
+    "BusClosed",
     "BusConnectionError",
     "BusError",
     "BusSettings",
     "ConfigError",
     "Context",
+    "DeadEvent",
     "Delivery",
     "Enqueued",
+    "Event",
+    "EventBus",
+    "EventKeys",
+    "EventStats",
+    "Firing",
     "Handler",
     "HandlerSignal",
     "IllegalTransition",
     "InvalidMessage",
+    "Listener",
+    "LocalBus",
+    "LocalBusStats",
     "Message",
     "MessageTooLarge",
+    "Payload",
     "Priority",
     "Queue",
     "QueueKeys",
     "QueueStats",
     "RateLimited",
     "Reject",
+    "Retention",
     "Retry",
     "Router",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleNotFound",
+    "Scheduler",
+    "SchedulerKeys",
     "TaskError",
     "TaskNotFound",
     "TaskRecord",
     "TaskStatus",
     "Worker",
     "connect",
+    "make_event",
     "new_id",
 ]

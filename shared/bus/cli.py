@@ -270,6 +270,34 @@ def bench_queue_cmd(
     _bench_queue(jobs, concurrency, rate, latency_jobs, as_json)
 
 
+@app.command()
+def asyncapi(
+    out: Annotated[str | None, typer.Option("--out", "-o", help="File to write (default: stdout).")] = None,
+) -> None:
+    """Write the AsyncAPI 3.0 document of the event catalogue (JSON)."""
+    from .asyncapi import document
+
+    text = json.dumps(document(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    console.print(f"wrote {out} ({len(text):,} bytes)")
+
+
+def _register_sub_apps() -> None:
+    # Imported here, not at the top: these modules import helpers from this one.
+    from .bench_events import bench_events_cmd
+    from .cli_schedule import app as schedule_app
+
+    app.add_typer(schedule_app, name="schedule")
+    bench_app.command("events")(bench_events_cmd)
+
+
+_register_sub_apps()
+
+
 def main() -> None:
     app()
 

@@ -5,9 +5,10 @@ Errors (raised by the bus to its callers)::
     BusError
     ├── ConfigError            a setting is missing or invalid (raised at start-up)
     ├── BusConnectionError     Redis (or a broker) cannot be reached; wraps the driver's error
-    ├── InvalidMessage         bad priority, type, option, or a payload that is not JSON
+    ├── InvalidMessage         bad priority, type, option, schedule, or a payload that is not JSON
     │   └── MessageTooLarge    the serialised message is over the queue's size limit
     ├── TaskNotFound           no task with that id (never existed, or its record expired)
+    ├── ScheduleNotFound       no schedule with that name (never added, or removed)
     └── IllegalTransition      a task cannot move from its status to the one asked for
 
 Handler signals (raised by a handler, caught by the worker)::
@@ -54,6 +55,14 @@ class TaskNotFound(BusError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"no task with id {task_id!r}")
         self.task_id = task_id
+
+
+class ScheduleNotFound(BusError):
+    """No schedule with that name exists (it was never added, or has been removed)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no schedule named {name!r}")
+        self.name = name
 
 
 class IllegalTransition(BusError):

@@ -68,3 +68,43 @@ class QueueKeys:
     def all_patterns(self) -> list[str]:
         """SCAN patterns that match every key of this queue (for purge and test clean-up)."""
         return [self.tag.replace("{", "\\{").replace("}", "\\}") + ":*"]
+
+
+class EventKeys:
+    """The Redis keys and channels of the event bus under one prefix. Durable streams share the hash
+    tag ``{events}``; broadcast channels are pub/sub, which Redis Cluster does not shard by slot."""
+
+    __slots__ = ("broadcast_pattern", "log", "prefix", "tag")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = check_name("key prefix", prefix)
+        self.tag = f"{prefix}:{{events}}"
+        self.log = f"{self.tag}:log"                     # stream: every durable event, in publish order
+        self.broadcast_pattern = f"{prefix}:bc:*"       # PSUBSCRIBE pattern of every broadcast channel
+
+    def dead(self, service: str) -> str:
+        """Stream of one service's dead-lettered events (a JSON `DeadEvent` per entry)."""
+        return f"{self.tag}:dead:{service}"
+
+    def broadcast(self, topic: str) -> str:
+        return f"{self.prefix}:bc:{topic}"
+
+    def all_patterns(self) -> list[str]:
+        return [self.tag.replace("{", "\\{").replace("}", "\\}") + ":*"]
+
+
+class SchedulerKeys:
+    """The keys of the cluster-wide scheduler, one set per key prefix.
+
+    The hash tag ``{_schedules}`` starts with ``_``, which `check_name` refuses as a queue name's
+    first character, so no queue's keys (or its ``drop()`` pattern) can ever overlap these.
+    """
+
+    __slots__ = ("fired", "specs", "state", "tag")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        tag = f"{check_name('key prefix', prefix)}:{{_schedules}}"
+        self.tag = tag
+        self.specs = f"{tag}:specs"  # hash schedule name -> Schedule JSON
+        self.fired = f"{tag}:fired"  # zset schedule name -> last tick fired (epoch ms); only moves forward
+        self.state = f"{tag}:state"  # hash schedule name -> JSON of the last firing (tick, time, task id)

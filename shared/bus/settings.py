@@ -9,13 +9,19 @@ from .errors import ConfigError
 
 
 class BusSettings(BaseSettings):
-    """``MEETMESH_REDIS_URL`` and friends."""
+    """``MEETMESH_REDIS_URL``, ``MEETMESH_EVENTS_URL`` (redis://, nats:// or amqp://) and friends."""
 
     model_config = SettingsConfigDict(env_prefix="MEETMESH_", extra="ignore")
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    events_url: str | None = Field(default=None, pattern=r"^(rediss?|nats|tls|amqps?)://")
     key_prefix: str = "mm"
     log_level: str = "INFO"
+
+    @property
+    def events(self) -> str:
+        """Where events travel: ``MEETMESH_EVENTS_URL``, or the Redis URL when it is not set."""
+        return self.events_url or self.redis_url
 
     @classmethod
     def load(cls) -> BusSettings:
