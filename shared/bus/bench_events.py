@@ -140,35 +140,35 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
         await redis.start()
         return redis.stop
     if twin.scheme == "nats":
-        from faststream.nats import ConsumerConfig, DeliverPolicy, NatsBroker, PullSub
+        from faststream.nats import ConsumerConfig, DeliverPolicy, NatsBroker
 
         from .events_nats import NatsEventBus
 
         assert isinstance(twin, NatsEventBus)
         nats = NatsBroker(twin.url, connect_timeout=3, max_reconnect_attempts=3, **_BROKER_OPTIONS)
         config = ConsumerConfig(ack_wait=twin.ack_wait, deliver_policy=DeliverPolicy.NEW,
-                                max_ack_pending=10_000)
+                                max_ack_pending=1_000)
 
-        @nats.subscriber(f"{twin.subject_prefix}>", stream=twin.stream, durable=twin.service, config=config,
-                         pull_sub=PullSub(batch_size=100, timeout=1.0, batch=True),
+        # a durable push consumer whose deliver group is the service, as NatsEventBus._declare_durable
+        @nats.subscriber(f"{twin.subject_prefix}>", queue=twin.service, stream=twin.stream, config=config,
                          ack_policy=AckPolicy.NACK_ON_ERROR)
-        async def on_nats_batch(body: Any) -> None:
-            for item in body:
-                see(item)
+        async def on_nats(body: Any) -> None:
+            see(body)
 
         await nats.start()
         return nats.stop
     from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 
-    from .events_amqp import AmqpEventBus, amqp_pattern
+    from .events_amqp import PREFETCH, AmqpEventBus, amqp_pattern
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)
     queue = RabbitQueue(twin.queue.name, durable=True, arguments=twin.queue.arguments,
                         routing_key=amqp_pattern(PATTERN))
 
-    # prefetch 1 on a channel of its own, as AmqpEventBus._declare_durable (which keeps per-topic order)
-    @rabbit.subscriber(queue, twin.exchange, channel=Channel(prefetch_count=1),
+    # the same prefetch on a channel of its own as AmqpEventBus._declare_durable, but without its
+    # in-order handling and bulk acks: bare FastStream handles these concurrently, out of order
+    @rabbit.subscriber(queue, twin.exchange, channel=Channel(prefetch_count=PREFETCH),
                        ack_policy=AckPolicy.NACK_ON_ERROR)
     async def on_amqp(body: Any) -> None:
         see(body)

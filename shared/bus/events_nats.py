@@ -23,7 +23,7 @@ from nats.errors import Error as NatsError
 from nats.js.errors import BadRequestError, NotFoundError
 
 from .errors import BusConnectionError
-from .events import FASTSTREAM_LOG, EventBus
+from .events import BROKER_OPTIONS, EventBus, message_itself
 
 log = logging.getLogger(__name__)
 _UNREACHABLE = (NatsError, OSError, TimeoutError)
@@ -40,13 +40,12 @@ class NatsEventBus(EventBus):
         self.stream = JStream(f"{p}-events", subjects=[f"{p}.ev.>"], max_age=self.retention.max_age,
                               max_msgs=self.retention.max_count)
         self.dead_stream = JStream(f"{p}-dead", subjects=[f"{p}.dead.>"], max_msgs=self.retention.max_count)
-        self.broker = NatsBroker(url, logger=FASTSTREAM_LOG, log_level=logging.DEBUG, graceful_timeout=5.0,
-                                 connect_timeout=3, max_reconnect_attempts=3)
+        self.broker = NatsBroker(url, connect_timeout=3, max_reconnect_attempts=3, **BROKER_OPTIONS)
 
         async def on_broadcast(msg: NatsMessage) -> None:
             self._fan_out(msg.body)
 
-        self.broker.subscriber(f"{p}.bc.>")(on_broadcast)
+        self.broker.subscriber(f"{p}.bc.>", decoder=message_itself)(on_broadcast)
 
     def _declare_durable(self) -> None:
         async def on_event(msg: NatsMessage) -> None:
@@ -63,7 +62,7 @@ class NatsEventBus(EventBus):
                                 max_ack_pending=1_000)
         self.broker.subscriber(
             f"{self.prefix}.ev.>", queue=self.service, stream=self.stream,  # the queue is the durable name
-            config=config, ack_policy=AckPolicy.NACK_ON_ERROR,
+            config=config, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=message_itself,
         )(on_event)
 
     @property
