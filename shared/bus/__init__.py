@@ -3,6 +3,7 @@ events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-proc
 
 from .catalogue import Event, Payload, make_event
 from .connection import connect
+from .dispatcher import Dispatcher, Submitted, TaskUpdate
 from .errors import (
     BusConnectionError,
     BusError,
@@ -19,7 +20,7 @@ from .errors import (
 )
 from .events import BroadcastMessage, DeadEvent, EventBus, EventStats, Listener, Retention
 from .handlers import Context, Handler, Router
-from .keys import EventKeys, QueueKeys, SchedulerKeys
+from .keys import DispatchKeys, EventKeys, QueueKeys, SchedulerKeys
 from .leases import Delivery
 from .limiter import AdaptiveLimiter
 from .local import BusClosed, LocalBus, LocalBusStats
@@ -27,6 +28,16 @@ from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_i
 from .queue import Enqueued, Queue
 from .records import QueueStats
 from .scheduler import Firing, Schedule, ScheduleInfo, Scheduler
+from .sessions import (
+    RateLimiter,
+    ResumeGap,
+    Session,
+    SessionForbidden,
+    SessionHub,
+    SessionNotFound,
+    SessionState,
+    TokenBucket,
+)
 from .settings import BusSettings
 from .worker import Worker
 
@@ -41,6 +52,8 @@ __all__ = [
     "Context",
     "DeadEvent",
     "Delivery",
+    "DispatchKeys",
+    "Dispatcher",
     "Enqueued",
     "Event",
     "EventBus",
@@ -62,7 +75,9 @@ __all__ = [
     "QueueKeys",
     "QueueStats",
     "RateLimited",
+    "RateLimiter",
     "Reject",
+    "ResumeGap",
     "Retention",
     "Retry",
     "Router",
@@ -71,10 +86,18 @@ __all__ = [
     "ScheduleNotFound",
     "Scheduler",
     "SchedulerKeys",
+    "Session",
+    "SessionForbidden",
+    "SessionHub",
+    "SessionNotFound",
+    "SessionState",
+    "Submitted",
     "TaskError",
     "TaskNotFound",
     "TaskRecord",
     "TaskStatus",
+    "TaskUpdate",
+    "TokenBucket",
     "Worker",
     "connect",
     "make_event",

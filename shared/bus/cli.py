@@ -286,6 +286,40 @@ def asyncapi(
     console.print(f"wrote {out} ({len(text):,} bytes)")
 
 
+@app.command("gateway")
+def gateway_cmd(
+    host: Annotated[str | None, typer.Option(help="Interface (default MEETMESH_HOST, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default MEETMESH_PORT, 8000).")] = None,
+) -> None:
+    """Serve the gateway (REST, WebSocket, SSE, /metrics) with uvicorn until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.load()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A socket silent for idle_timeout is dropped: pinged every ping_interval, it has the rest to reply.
+    pong_timeout = max(settings.idle_timeout - settings.ping_interval, 1.0)
+    uvicorn.run(
+        "gateway.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
+        ws_ping_interval=settings.ping_interval, ws_ping_timeout=pong_timeout,
+        ws_max_size=max(4 * settings.max_frame_bytes, 1 << 22), log_level=settings.log_level.lower(),
+        loop="uvloop", timeout_graceful_shutdown=10)
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option(help="The token's subject (user id).")],
+    admin: Annotated[bool, typer.Option("--admin", help="Add the admin role.")] = False,
+    ttl: Annotated[float, typer.Option(help="Lifetime, seconds.")] = 24 * 3600.0,
+) -> None:
+    """Mint a development JWT (HS256, MEETMESH_JWT_SECRET) for the gateway."""
+    from gateway.auth import mint
+    from gateway.settings import GatewaySettings
+
+    print(mint(GatewaySettings.load().jwt_secret, user, admin=admin, ttl=ttl))
+
+
 def _register_sub_apps() -> None:
     # Imported here, not at the top: these modules import helpers from this one.
     from .bench_events import bench_events_cmd

@@ -179,6 +179,7 @@ class EventBus(abc.ABC):
     """
 
     scheme: ClassVar[str]
+    broker: Any  # the backend's FastStream broker
 
     def __init__(
         self,
@@ -294,6 +295,15 @@ class EventBus(abc.ABC):
         return [DeadEvent.model_validate_json(raw) for raw in await self._read_dead(self.service, limit)]
 
     # -- lifecycle --------------------------------------------------------------------------------
+
+    async def ping(self, timeout: float = 1.0) -> bool:
+        """Whether the broker answers (for readiness checks); never raises."""
+        if not self._started:
+            return False
+        try:
+            return bool(await self.broker.ping(timeout=timeout))
+        except Exception:
+            return False
 
     async def start(self) -> None:
         """Connect, declare the durable topology, and start consuming (if anything is subscribed)."""

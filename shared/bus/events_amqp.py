@@ -179,9 +179,10 @@ class AmqpEventBus(EventBus):
             await channel.close()
 
     def _connection(self) -> aio_pika.abc.AbstractRobustConnection:
-        if self.broker._connection is None:
+        connection: aio_pika.abc.AbstractRobustConnection | None = self.broker._connection
+        if connection is None:
             raise BusConnectionError(f"not connected to RabbitMQ at {self.url}")
-        return self.broker._connection
+        return connection
 
     async def _stop(self) -> None:
         for in_order in self._in_order:

@@ -108,3 +108,21 @@ class SchedulerKeys:
         self.specs = f"{tag}:specs"  # hash schedule name -> Schedule JSON
         self.fired = f"{tag}:fired"  # zset schedule name -> last tick fired (epoch ms); only moves forward
         self.state = f"{tag}:state"  # hash schedule name -> JSON of the last firing (tick, time, task id)
+
+
+class DispatchKeys:
+    """The keys of the task dispatcher, one set per key prefix, shared by every gateway instance.
+
+    The hash tag ``{_dispatch}`` starts with ``_``, which `check_name` refuses as a queue name's first
+    character, so no queue's keys (or its ``drop()`` pattern) can ever overlap these.
+    """
+
+    __slots__ = ("deadlines", "tag")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        tag = f"{check_name('key prefix', prefix)}:{{_dispatch}}"
+        self.tag = tag
+        self.deadlines = f"{tag}:deadlines"  # zset task id -> deadline (epoch ms), until it finishes
+
+    def all_patterns(self) -> list[str]:
+        return [self.tag.replace("{", "\\{").replace("}", "\\}") + ":*"]

@@ -9,7 +9,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import IllegalTransition, InvalidMessage
 
@@ -79,7 +79,9 @@ class TaskStatus(StrEnum):
     FAILED = "failed"  # rejected by its handler; kept in the dead-letter queue
     DEAD = "dead"  # out of retries; kept in the dead-letter queue
     CANCELLED = "cancelled"
-    TIMEOUT = "timeout"  # its last attempt ran past its timeout; kept in the dead-letter queue
+    # Its last attempt ran past its handler timeout (kept in the dead-letter queue), or its deadline
+    # passed first (`Queue.cancel(status=TIMEOUT)`, as the dispatcher does: ended like a cancel).
+    TIMEOUT = "timeout"
 
     @property
     def terminal(self) -> bool:
@@ -96,7 +98,8 @@ _TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DEAD,
 _DEAD_LETTERED = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.TIMEOUT})
 # The Lua scripts implement these moves; this table documents them and guards client-side moves.
 _MOVES: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.QUEUED: frozenset({TaskStatus.PROCESSING, TaskStatus.CANCELLED, TaskStatus.DEAD}),
+    TaskStatus.QUEUED: frozenset({TaskStatus.PROCESSING, TaskStatus.CANCELLED, TaskStatus.DEAD,
+                                  TaskStatus.TIMEOUT}),
     TaskStatus.PROCESSING: frozenset({TaskStatus.QUEUED, *_TERMINAL}),
     TaskStatus.COMPLETED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
@@ -121,6 +124,7 @@ class Message(BaseModel):
     dedupe_key: str | None = Field(default=None, min_length=1, max_length=512)
     trace: dict[str, str] = Field(default_factory=new_trace)
     owner: str | None = Field(default=None, max_length=256)
+    meeting_id: str | None = Field(default=None, min_length=1, max_length=256)  # the meeting it serves
     stage: int = Field(default=0, ge=0)
     headers: dict[str, str] = Field(default_factory=dict)
 
@@ -151,6 +155,7 @@ class TaskRecord(BaseModel):
     status: TaskStatus
     priority: Priority
     owner: str | None = None
+    meeting_id: str | None = None  # from the message (filled in when not given)
     attempts: int = 0
     max_retries: int = 0
     stage: int = 0
@@ -164,3 +169,9 @@ class TaskRecord(BaseModel):
     finished_at: float | None = None
     worker: str | None = None
     message: Message | None = None
+
+    @model_validator(mode="after")
+    def _meeting_from_message(self) -> TaskRecord:
+        if self.meeting_id is None and self.message is not None:
+            self.meeting_id = self.message.meeting_id
+        return self

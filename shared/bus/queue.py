@@ -302,15 +302,21 @@ class Queue(LeaseOps):
             ready_count + delayed_rank if delayed_rank is not None else None)
         return parse_record(self.name, task_id, raw, position)
 
-    async def cancel(self, task_id: str, reason: str = "cancelled by request") -> TaskStatus:
+    async def cancel(self, task_id: str, reason: str = "cancelled by request", *,
+                     status: TaskStatus = TaskStatus.CANCELLED) -> TaskStatus:
         """Cancel a queued, delayed or running task; returns the status it had before.
 
+        ``status`` is what it ends as: `TaskStatus.CANCELLED`, or `TaskStatus.TIMEOUT` when its
+        deadline passed (the error code is the status either way; it is not dead-lettered).
         A finished task is left alone (its status is returned); an unknown id raises `TaskNotFound`.
         """
+        if status not in (TaskStatus.CANCELLED, TaskStatus.TIMEOUT):
+            raise InvalidMessage(f"a task can be ended as cancelled or timeout, not {status}")
         k = self.keys
         code, before = await self._run(
             "cancel", [k.task(task_id), k.ready, k.delayed, k.leases, k.depth, k.events, k.stats],
-            [task_id, to_ms(self.record_ttl), self.events_maxlen, k.control, reason])
+            [task_id, to_ms(self.record_ttl), self.events_maxlen, k.control, reason,
+             TaskStatus(status).value])
         if code < 0:
             raise TaskNotFound(task_id)
         return TaskStatus(before)

@@ -1,0 +1,138 @@
+"""The gateway application: ``create_app()`` wires Redis, the event bus, the dispatcher, the
+session hub and live updates into FastAPI; ``meetmesh gateway`` serves it with uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from shared.bus import EventBus, connect
+from shared.bus.dispatcher import Dispatcher
+from shared.bus.sessions import RateLimiter, SessionHub
+
+from . import errors, rest, ws
+from .live import Live
+from .metrics import Metrics
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway as an ASGI app. Connections are made in its lifespan, not here."""
+    settings = settings or GatewaySettings.load()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = await connect(settings.redis_url)
+        events = EventBus.from_url(settings.events, service="gateway", prefix=settings.key_prefix)
+        await events.start()
+        dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix)
+        hub = SessionHub(
+            replay_window=settings.replay_window,
+            replay_max=settings.replay_max,
+            send_buffer=settings.send_buffer,
+            idle_timeout=settings.idle_timeout,
+        )
+        live = Live(events, hub)
+        app.state.redis, app.state.events, app.state.dispatcher = redis, events, dispatcher
+        app.state.hub, app.state.live = hub, live
+        app.state.limiter = RateLimiter(settings.submit_rate, settings.submit_burst)
+        live.start()
+        background = [
+            asyncio.create_task(dispatcher.run(), name="dispatcher"),
+            asyncio.create_task(_reap(hub, app.state.metrics), name="session-reaper"),
+            asyncio.create_task(app.state.metrics.refresh_queues(dispatcher.queues), name="metrics"),
+        ]
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await live.stop()
+            await events.stop()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="MeetMesh gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Submit tasks to MeetMesh's services and watch them live (REST, SSE, WebSocket "
+        '`/ws?token=JWT`). Every error answers `{"error": {"code", "message"}}`.',
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.started = time.time()
+    app.state.gateway_stats = lambda: _stats(app)
+    errors.install(app)
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+
+    @app.middleware("http")
+    async def timed(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        app.state.metrics.requests.labels(request.method, path).observe(time.perf_counter() - started)
+        if 400 <= response.status_code < 500:
+            app.state.metrics.client_errors.labels(str(response.status_code)).inc()
+        return response
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, Any]:
+        """Alive: the process answers."""
+        return {"status": "ok", "uptime_s": round(time.time() - app.state.started, 1)}
+
+    @app.get("/ready", tags=["ops"], responses={503: {"description": "a backend is unreachable"}})
+    async def ready(request: Request) -> JSONResponse:
+        """Ready: Redis and the event broker both answer."""
+        checks = {"redis": False, "events": False}
+        with contextlib.suppress(Exception):
+            checks["redis"] = bool(await asyncio.wait_for(request.app.state.redis.ping(), 1.0))
+        with contextlib.suppress(Exception):
+            checks["events"] = await asyncio.wait_for(request.app.state.events.ping(), 1.0)
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+        )
+
+    @app.get(
+        "/metrics", tags=["ops"], response_class=Response, responses={200: {"content": {"text/plain": {}}}}
+    )
+    async def metrics() -> Response:
+        """Prometheus text: sockets, frames, errors, request times, queue depths, rates, latencies."""
+        return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _stats(app: FastAPI) -> dict[str, Any]:
+    hub_stats = app.state.hub.stats if hasattr(app.state, "hub") else {}
+    live = getattr(app.state, "live", None)
+    return {
+        "sessions": hub_stats() if callable(hub_stats) else hub_stats,
+        "updates_relayed": live.relayed if live else 0,
+        "uptime_s": round(time.time() - app.state.started, 1),
+    }
+
+
+async def _reap(hub: SessionHub, metrics: Metrics, every: float = 1.0) -> None:
+    """Close idle sessions and forget dropped ones past their resume window."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            hub.reap()
+            stats = hub.stats() if callable(hub.stats) else hub.stats
+            metrics.sessions.set(stats.get("sessions", 0))
+        except Exception:
+            log.exception("session reaper")

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one gateway process (``GET /metrics``), on a registry of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shared.bus import Priority
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sockets = Gauge("meetmesh_gateway_sockets", "WebSocket connections open", registry=r)
+        self.sessions = Gauge(
+            "meetmesh_gateway_sessions", "Sessions held (attached or resumable)", registry=r
+        )
+        self.frames_in = Counter("meetmesh_gateway_frames_in", "Frames received from clients", registry=r)
+        self.frames_out = Counter("meetmesh_gateway_frames_out", "Frames sent to clients", registry=r)
+        self.client_errors = Counter(
+            "meetmesh_gateway_client_errors", "Error frames and 4xx answers by code", ["code"], registry=r
+        )
+        self.requests = Histogram(
+            "meetmesh_gateway_request_seconds",
+            "REST request time",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.depth = Gauge("meetmesh_queue_depth", "Ready messages", ["queue", "priority"], registry=r)
+        self.delayed = Gauge("meetmesh_queue_delayed", "Delayed messages", ["queue"], registry=r)
+        self.in_flight = Gauge("meetmesh_queue_in_flight", "Messages being handled", ["queue"], registry=r)
+        self.dead = Gauge("meetmesh_queue_dead_letters", "Dead letters", ["queue"], registry=r)
+        self.rate = Gauge(
+            "meetmesh_queue_processed_per_second", "Processed per second (last minute)", ["queue"], registry=r
+        )
+        self.latency = Gauge(
+            "meetmesh_queue_start_latency_ms", "Start latency percentiles", ["queue", "quantile"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def refresh_queues(self, queues: dict[str, Any], every: float = 5.0) -> None:
+        """Keep the queue gauges current (stats are async; a scrape must not wait on Redis)."""
+        while True:
+            for name, queue in queues.items():
+                try:
+                    s = await queue.stats()
+                except Exception as exc:
+                    log.debug("queue stats for metrics failed: %r", exc)
+                    continue
+                for p in Priority:
+                    self.depth.labels(name, p.value).set(s.depth.get(p, 0))
+                self.delayed.labels(name).set(s.delayed)
+                self.in_flight.labels(name).set(s.in_flight)
+                self.dead.labels(name).set(s.dead_letters)
+                self.rate.labels(name).set(s.processed_per_s)
+                for q in ("p50", "p95", "p99"):
+                    value = getattr(s.latency, f"{q}_ms", None)
+                    if value is not None:
+                        self.latency.labels(name, q).set(value)
+            await asyncio.sleep(every)

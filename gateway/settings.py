@@ -1,0 +1,40 @@
+"""Gateway settings, read once from the environment (``MEETMESH_*``)."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import Field, ValidationError
+
+from shared.bus import BusSettings, ConfigError
+
+log = logging.getLogger(__name__)
+DEV_SECRET = "meetmesh-development-secret-change-me-now"
+
+
+class GatewaySettings(BusSettings):
+    """The bus's settings plus the gateway's own."""
+
+    jwt_secret: str = Field(default=DEV_SECRET, min_length=32)
+    token_ttl: float = Field(default=24 * 3600.0, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_frame_bytes: int = Field(default=1 << 20, ge=1024)
+    submit_rate: float = Field(default=50.0, gt=0, description="submissions per second per user, sustained")
+    submit_burst: int = Field(default=200, ge=1)
+    replay_window: float = Field(default=30.0, gt=0, description="seconds a dropped session can resume")
+    replay_max: int = Field(default=1000, ge=1)
+    send_buffer: int = Field(default=256, ge=1, description="frames queued for one slow socket")
+    idle_timeout: float = Field(default=60.0, gt=0)
+    ping_interval: float = Field(default=30.0, gt=0)
+
+    @classmethod
+    def load(cls) -> GatewaySettings:
+        try:
+            settings = cls()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"MEETMESH_{str(err['loc'][0]).upper()}: {err['msg']}") from exc
+        if settings.jwt_secret == DEV_SECRET:
+            log.warning("MEETMESH_JWT_SECRET is not set: tokens are signed with the development secret")
+        return settings

@@ -1,0 +1,258 @@
+"""WebSocket ``/ws?token=JWT``: JSON frames in both directions (see docs/gateway.md).
+
+One reader (this coroutine) and one writer task per socket. Every frame to the client goes
+through its `Session` (which numbers it, keeps it for ``resume``, and bounds what a slow client
+may have queued), so the writer is the only one writing to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from shared.bus import BusError, InvalidMessage
+from shared.bus.catalogue import check_pattern
+from shared.bus.dispatcher import Dispatcher
+from shared.bus.sessions import Session, SessionHub
+
+from .auth import Principal, verify
+from .errors import ApiError, from_bus_error
+from .rest import TaskSubmit, owned_record, submit
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+CLOSE_POLICY = 1008  # a bad or expired token
+CLOSE_TOO_BIG = 1009
+
+
+class Connection:
+    """One socket's reader loop, bound to one session (which ``resume`` may swap)."""
+
+    def __init__(self, ws: WebSocket, principal: Principal) -> None:
+        self.ws = ws
+        self.principal = principal
+        app = ws.app
+        self.hub: SessionHub = app.state.hub
+        self.dispatcher: Dispatcher = app.state.dispatcher
+        self.limiter = app.state.limiter
+        self.max_bytes: int = app.state.settings.max_frame_bytes
+        self.metrics = app.state.metrics
+        self.session: Session = self.hub.open(principal.user, principal.roles)
+        self.writer: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self.session.push({"type": "welcome", "session_id": self.session.id})
+        self._start_writer()
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    self.error(None, "bad_request", "send JSON text frames, not binary")
+                    continue
+                await self.handle(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await self._stop_writer()
+            self.hub.detach(self.session)  # kept for resume; a no-op if another socket took it over
+
+    def _start_writer(self) -> None:
+        self.writer = asyncio.create_task(self._write(self.session))
+
+    async def _stop_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.writer
+            self.writer = None
+
+    async def _write(self, session: Session) -> None:
+        try:
+            while (text := await session.next_outgoing()) is not None:
+                await self.ws.send_text(text)
+                self.metrics.frames_out.inc()
+        except Exception:  # the socket went away; the reader sees the disconnect
+            return
+        if session.close_code is not None:  # closed by the hub: slow client, idle, superseded
+            with contextlib.suppress(Exception):
+                await self.ws.close(session.close_code, session.closing_reason or "")
+
+    # -- frames from the client -------------------------------------------------------------------
+
+    def error(self, request_id: Any, code: str, message: str) -> None:
+        self.metrics.client_errors.labels(code).inc()
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if request_id is not None:
+            frame["id"] = request_id
+        self.session.push(frame)
+
+    async def handle(self, text: str) -> None:
+        self.session.touch()
+        self.metrics.frames_in.inc()
+        if len(text) > self.max_bytes and len(text.encode()) > self.max_bytes:
+            self.error(None, "too_large", f"frame over {self.max_bytes} bytes")
+            return
+        try:
+            frame = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.error(None, "bad_request", f"malformed JSON: {exc.msg} at {exc.pos}")
+            return
+        if not isinstance(frame, dict):
+            self.error(None, "bad_request", "a frame is a JSON object with a `type`")
+            return
+        request_id = frame.get("id")
+        kind = frame.get("type")
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            self.error(
+                request_id, "bad_request", f"unknown frame type {kind!r}; known: {', '.join(_HANDLERS)}"
+            )
+            return
+        try:
+            await handler(self, frame)
+        except ApiError as exc:
+            self.error(request_id, exc.code, exc.message)
+        except BusError as exc:
+            err = from_bus_error(exc)
+            self.error(request_id, err.code, err.message)
+
+    async def on_submit(self, frame: dict[str, Any]) -> None:
+        fields = {
+            k: frame[k]
+            for k in ("data", "priority", "timeout_s", "delay_s", "dedupe_key", "meeting_id")
+            if k in frame
+        }
+        if not isinstance(frame.get("task"), str):
+            raise ApiError(400, "bad_request", 'submit needs `task`: the task type, e.g. "ai.summarize"')
+        try:
+            task = TaskSubmit(type=frame["task"], **fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ApiError(
+                400, "bad_request", f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+            ) from None
+        if not self.limiter.allow(self.principal.user):
+            raise ApiError(429, "rate_limited", "too many submissions; slow down")
+        submitted = await submit(self.dispatcher, self.principal, task)
+        self.hub.watch_task(self.session, submitted.task_id)
+        self.session.push(
+            {
+                "type": "accepted",
+                "id": frame.get("id"),
+                "task_id": submitted.task_id,
+                "status": submitted.status.value,
+                "position": submitted.position,
+            }
+        )
+
+    async def on_cancel(self, frame: dict[str, Any]) -> None:
+        task_id = frame.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise ApiError(400, "bad_request", "cancel needs `task_id`")
+        await owned_record(self.dispatcher, self.principal, task_id)
+        self.hub.watch_task(self.session, task_id)
+        before = await self.dispatcher.cancel(task_id)
+        self.session.push(
+            {
+                "type": "cancelled",
+                "id": frame.get("id"),
+                "task_id": task_id,
+                "cancelled": not before.terminal,
+                "previous_status": before.value,
+            }
+        )
+
+    async def on_subscribe(self, frame: dict[str, Any]) -> None:
+        topic = self._topic(frame)
+        if topic.startswith("task."):  # a task's status, progress and result frames
+            task_id = topic.removeprefix("task.")
+            await self._may_watch(task_id)
+            self.hub.watch_task(self.session, task_id)
+        else:
+            self.hub.subscribe(self.session, topic)
+        self.session.push({"type": "subscribed", "id": frame.get("id"), "topic": topic})
+
+    async def on_unsubscribe(self, frame: dict[str, Any]) -> None:
+        topic = self._topic(frame)
+        self.hub.unsubscribe(self.session, topic)
+        self.session.push({"type": "unsubscribed", "id": frame.get("id"), "topic": topic})
+
+    def _topic(self, frame: dict[str, Any]) -> str:
+        topic = frame.get("topic")
+        if not isinstance(topic, str) or not topic:
+            raise ApiError(400, "bad_request", 'needs `topic`, e.g. "meeting.m1"')
+        try:
+            return check_pattern(topic)
+        except InvalidMessage as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+
+    async def _may_watch(self, task_id: str) -> None:
+        """A task's updates are for its owner (and admins) alone. (Meeting topics will need the
+        meeting service to check participation; until it exists any authenticated user may.)"""
+        if any(c in task_id for c in "*>#"):
+            raise ApiError(400, "bad_request", "watch one task at a time: task.<task_id>")
+        await owned_record(self.dispatcher, self.principal, task_id)
+
+    async def on_ping(self, frame: dict[str, Any]) -> None:
+        self.session.push({"type": "pong", "id": frame.get("id")})
+
+    async def on_resume(self, frame: dict[str, Any]) -> None:
+        session_id, last_seq = frame.get("session_id"), frame.get("last_seq")
+        if not isinstance(session_id, str) or not isinstance(last_seq, int) or isinstance(last_seq, bool):
+            raise ApiError(400, "bad_request", "resume needs `session_id` (string) and `last_seq` (integer)")
+        try:
+            old = self.hub.resume(session_id, self.principal.user)
+        except BusError as exc:
+            code = "forbidden" if "another user" in str(exc) else "not_found"
+            raise ApiError(404 if code == "not_found" else 403, code, str(exc)) from None
+        try:
+            frames = old.replay_after(last_seq)
+        except BusError as exc:  # frames after last_seq are gone: this session cannot go on
+            self.hub.close(old)
+            raise ApiError(404, "not_found", str(exc)) from None
+        # Swap: the fresh session this socket opened with is dropped, the resumed one takes over.
+        await self._stop_writer()
+        fresh, self.session = self.session, old
+        fresh.close()
+        self.hub.forget(fresh)
+        for text in frames:
+            await self.ws.send_text(text)
+        self._start_writer()
+
+
+_HANDLERS = {
+    "submit": Connection.on_submit,
+    "cancel": Connection.on_cancel,
+    "subscribe": Connection.on_subscribe,
+    "unsubscribe": Connection.on_unsubscribe,
+    "ping": Connection.on_ping,
+    "resume": Connection.on_resume,
+}
+
+
+@router.websocket("/ws")
+async def websocket(ws: WebSocket) -> None:
+    await ws.accept()
+    token = ws.query_params.get("token")
+    try:
+        if not token:
+            raise ApiError(401, "unauthorized", "connect with /ws?token=JWT")
+        principal = verify(ws.app.state.settings.jwt_secret, token)
+    except ApiError as exc:
+        await ws.close(CLOSE_POLICY, exc.message[:120])
+        return
+    metrics = ws.app.state.metrics
+    metrics.sockets.inc()
+    try:
+        await Connection(ws, principal).run()
+    finally:
+        metrics.sockets.dec()
