@@ -39,7 +39,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             replay_window=settings.replay_window,
             replay_max=settings.replay_max,
             send_buffer=settings.send_buffer,
-            idle_timeout=settings.idle_timeout,
+            # Liveness of an attached socket is uvicorn's protocol pings (a client answering them is
+            # not silent, though it may send no frame for hours); the hub only reaps dropped sessions.
+            idle_timeout=float("inf"),
         )
         live = Live(events, hub)
         app.state.redis, app.state.events, app.state.dispatcher = redis, events, dispatcher
@@ -76,6 +78,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(rest.router)
     app.include_router(ws.router)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document less the 422 it adds to every operation: invalid input answers 400 here,
+        as each operation's responses say."""
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    answers = operation.get("responses", {})
+                    answers.pop("422", None)
+                    operation["responses"] = dict(sorted(answers.items()))
+            for unused in ("HTTPValidationError", "ValidationError"):
+                document.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def timed(request: Request, call_next: Any) -> Response:
