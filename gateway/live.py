@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.bus import EventBus
 from shared.bus.dispatcher import TaskUpdate
+from shared.bus.relay import SeqFilter
 from shared.bus.sessions import SessionHub
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Live:
         self.hub = hub
         self._sse: dict[str, set[asyncio.Queue[TaskUpdate]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
+        self._fresh = SeqFilter()  # a new relay leader may repeat a few updates: drop them here
         self.relayed = 0
 
     def start(self) -> None:
@@ -73,6 +75,8 @@ class Live:
     def _route(self, topic: str, data: Any) -> None:
         if topic.startswith(TASK_TOPIC):
             update = TaskUpdate.model_validate(data)
+            if not self._fresh.fresh(update):
+                return
             self.relayed += 1
             self.hub.deliver_task(update.task_id, task_frame(update))
             for queue in self._sse.get(update.task_id, ()):

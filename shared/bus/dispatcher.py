@@ -1,14 +1,11 @@
 """The task dispatcher: routes each task type to its service's queue, ends tasks at their deadline,
-and relays every status change to whichever gateway instance holds the client's socket.
+and runs the relay (`relay.Relay`) that pushes every status change to the gateway instances.
 
 - Task ids carry their queue (``ai.0190...``), so reading or cancelling a task needs no lookup.
 - Deadlines live in one sorted set (``keys.DispatchKeys``); every instance sweeps it, and whoever
   removes a due member ends that task as ``timeout`` (unless it finished), so each is handled once.
-- The relay reads the status streams of every routed queue as one consumer group, ``relay``, one
-  consumer per instance: each change is broadcast (``task.<id>``) by one instance only, then
-  acknowledged. Entries left unacknowledged by an instance that died are claimed by another.
-  Within one instance a task's updates are broadcast in stream order; each carries its stream
-  entry id as ``seq`` (two instances may interleave one task's updates: ``seq`` orders them).
+- Every instance runs a relay; one at a time (the holder of a lease) broadcasts the changes, in
+  stream order, as `TaskUpdate` on ``task.<id>`` (see `relay`).
 """
 
 from __future__ import annotations
@@ -27,17 +24,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import from_json
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from .connection import UNREACHABLE, unreachable_as_bus_error
-from .errors import BusConnectionError, BusError, ConfigError, InvalidMessage, TaskNotFound
+from .connection import unreachable_as_bus_error
+from .errors import BusConnectionError, ConfigError, InvalidMessage, TaskNotFound
 from .events import EventBus
 from .keys import DEFAULT_PREFIX, DispatchKeys
-from .message import Message, TaskError, TaskRecord, TaskStatus, new_id
+from .message import Message, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
-from .records import parse_error
+from .relay import LEASE_SECONDS, Relay, TaskUpdate
+
+__all__ = ["DEFAULT_ROUTES", "Dispatcher", "Submitted", "TaskUpdate"]
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +47,9 @@ DEFAULT_ROUTES: dict[str, str] = {
                               "meeting.mute", "meeting.unmute", "meeting.kick")},
     "user.profile.update": "user",
 }
-RELAY_GROUP = "relay"
 SWEEP_EVERY = 0.05        # seconds between deadline sweeps
 SWEEP_BATCH = 500         # due deadlines taken per read
-RELAY_BATCH = 100         # stream entries per read, per queue
-RELAY_BLOCK_MS = 1000
-RECLAIM_IDLE_MS = 30_000  # an entry unacknowledged this long belonged to an instance that died
-RECLAIM_EVERY = 10.0
-TASK_CACHE = 50_000       # tasks whose type, owner and meeting the relay remembers
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")  # no dots: ids are "<queue>.<id>"
-_CHANGE_FIELDS = {"task_id", "queue", "status", "type", "owner", "meeting_id", "progress", "at"}
 _ITEM_FIELDS = frozenset({"type", "data", "priority", "timeout_s", "delay_s", "dedupe_key", "meeting_id"})
 
 
@@ -73,35 +63,18 @@ class Submitted(BaseModel):
     created: bool
 
 
-class TaskUpdate(BaseModel):
-    """One status change of a task, as the relay broadcasts it on ``task.<task_id>``."""
-
-    task_id: str
-    queue: str
-    type: str | None
-    owner: str | None
-    meeting_id: str | None = None
-    status: TaskStatus
-    progress: float | None = None
-    delta: str | None = None
-    result: Any = None
-    error: TaskError | None = None
-    attempts: int | None = None
-    position: int | None = None
-    at: float  # server time of the change (epoch seconds)
-    seq: str | None = None  # the status-stream entry id: orders one task's updates
-
-
 class Dispatcher:
     """Routes tasks to their service's queue and follows them. One per gateway process.
 
     ``routes`` (task type -> queue name) replaces `DEFAULT_ROUTES`; ``queue_options`` are passed to
-    every `Queue`. ``run()`` sweeps deadlines and, given ``events``, relays status changes.
+    every `Queue`. ``run()`` sweeps deadlines and, given ``events``, runs the relay (``relay``), which
+    broadcasts status changes while it holds the cluster's relay lease (``relay_lease_seconds``).
     """
 
     def __init__(self, redis: Redis, *, events: EventBus | None = None,
                  routes: Mapping[str, str] | None = None, prefix: str = DEFAULT_PREFIX,
-                 queue_options: Mapping[str, Any] | None = None, publish_status_events: bool = False) -> None:
+                 queue_options: Mapping[str, Any] | None = None, publish_status_events: bool = False,
+                 relay_lease_seconds: float = LEASE_SECONDS) -> None:
         self.routes: dict[str, str] = dict(DEFAULT_ROUTES if routes is None else routes)
         if not self.routes:
             raise ConfigError("the dispatcher needs at least one route")
@@ -118,11 +91,13 @@ class Dispatcher:
         self.publish_status_events = publish_status_events
         self.queues: dict[str, Queue] = {name: Queue(name, redis, prefix=prefix, **(queue_options or {}))
                                          for name in sorted(set(self.routes.values()))}
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        self.ready = asyncio.Event()  # set once the relay's group exists: changes from then on are relayed
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"  # this instance
+        self.relay: Relay | None = None if events is None else Relay(
+            redis, events, self.queues.values(), instance=self.consumer, prefix=prefix,
+            lease_seconds=relay_lease_seconds, publish_status_events=publish_status_events)
+        # Set once the relay's group exists: changes from then on are relayed (by the lease holder).
+        self.ready = asyncio.Event() if self.relay is None else self.relay.ready
         self._known = ", ".join(sorted(self.routes))
-        self._streams = {q.keys.events: q for q in self.queues.values()}
-        self._tasks: dict[str, tuple[str | None, str | None, str | None]] = {}  # id -> type, owner, meeting
         self._stopping = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -225,7 +200,8 @@ class Dispatcher:
         out = []
         for (queue, message), d in zip(built, done, strict=True):
             if d.created:
-                self._remember(d.id, message.type, message.owner, message.meeting_id)
+                if self.relay is not None:
+                    self.relay.remember(d.id, message.type, message.owner, message.meeting_id)
                 out.append(Submitted(task_id=d.id, queue=queue.name, status=TaskStatus.QUEUED,
                                      position=d.position, created=True))
             else:
@@ -314,21 +290,24 @@ class Dispatcher:
     # -- running ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Sweep deadlines every ~50 ms and, with an event bus, relay status changes, until `stop()`."""
+        """Sweep deadlines every ~50 ms and, with an event bus, run the relay, until `stop()`."""
         tasks = [asyncio.create_task(self._sweep_forever(), name="dispatcher-sweep")]
-        if self.events is not None:
-            tasks.append(asyncio.create_task(self._relay_forever(self.events), name="dispatcher-relay"))
+        if self.relay is not None:
+            tasks.append(asyncio.create_task(self.relay.run(), name="dispatcher-relay"))
         else:
             self.ready.set()
         try:
             await self._stopping.wait()
         finally:
-            self._stopping.set()  # also when run() itself is cancelled
+            self.stop()  # also when run() itself is cancelled
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def stop(self) -> None:
-        """Ask `run()` to finish: the batch being relayed is completed and acknowledged first."""
+        """Ask `run()` to finish: the batch being relayed is completed and acknowledged first, then
+        the relay lease is released (another instance takes over at once)."""
         self._stopping.set()
+        if self.relay is not None:
+            self.relay.stop()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -346,223 +325,10 @@ class Dispatcher:
                 log.warning("deadline sweep failed (%d in a row): %r", failures, exc)
             await self._pause(_backoff(failures) if failures else SWEEP_EVERY)
 
-    # -- the relay --------------------------------------------------------------------------------
-
-    async def _relay_forever(self, events: EventBus) -> None:
-        failures, grouped, backlog = 0, False, True
-        next_reclaim = time.monotonic() + RECLAIM_EVERY
-        while not self._stopping.is_set():
-            try:
-                if not grouped:
-                    await self._create_groups()
-                    grouped = True
-                    self.ready.set()
-                # Our own unacknowledged entries first (after a failure or a reclaim), then new ones.
-                entries = await self._read("0" if backlog else ">")
-                if entries is None:
-                    break
-                if backlog and not entries:
-                    backlog = False
-                    continue
-                await self._relay(events, entries)
-                if time.monotonic() >= next_reclaim:
-                    backlog = await self._reclaim() or backlog
-                    next_reclaim = time.monotonic() + RECLAIM_EVERY
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                backlog = True
-                if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
-                    grouped = False  # a stream was deleted: recreate the group
-                log.warning("task relay failed (%d in a row): %r", failures, exc)
-                await self._pause(_backoff(failures))
-        await self._leave()
-
-    async def _create_groups(self) -> None:
-        for stream in self._streams:
-            try:
-                await self.redis.xgroup_create(stream, RELAY_GROUP, id="$", mkstream=True)
-            except redis_errors.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-
-    async def _read(self, last: str) -> list[tuple[str, str, dict[str, str] | None]] | None:
-        """Entries of every routed queue's stream as (stream, entry id, fields): pending ones (``0``),
-        or new ones (``>``, blocking up to a second). None once `stop()` was called meanwhile."""
-        streams: dict[Any, Any] = dict.fromkeys(self._streams, last)
-        if last == ">":
-            read = asyncio.ensure_future(self.redis.xreadgroup(RELAY_GROUP, self.consumer, streams,
-                                                               count=RELAY_BATCH, block=RELAY_BLOCK_MS))
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not read.done():
-                read.cancel()
-                await asyncio.gather(read, return_exceptions=True)
-                return None
-            answer = read.result()
-        else:
-            answer = await self.redis.xreadgroup(RELAY_GROUP, self.consumer, streams, count=RELAY_BATCH)
-        return [(stream, entry_id, fields) for stream, entries in answer or []
-                for entry_id, fields in entries]
-
-    async def _reclaim(self) -> bool:
-        """Take over entries another instance read and never acknowledged (it died); True if any."""
-        claimed = False
-        for stream in self._streams:
-            answer = await self.redis.xautoclaim(stream, RELAY_GROUP, self.consumer, RECLAIM_IDLE_MS,
-                                                 count=RELAY_BATCH, justid=True)
-            claimed = claimed or bool(answer[1])
-        return claimed
-
-    async def _leave(self) -> None:
-        """On stop: drop this instance's consumer from each group it owes nothing to."""
-        for stream in self._streams:
-            with contextlib.suppress(Exception):
-                if not await self.redis.xpending_range(stream, RELAY_GROUP, "-", "+", 1,
-                                                       consumername=self.consumer):
-                    await self.redis.xgroup_delconsumer(stream, RELAY_GROUP, self.consumer)
-
-    async def _relay(self, events: EventBus, entries: list[tuple[str, str, dict[str, str] | None]]) -> None:
-        """Broadcast one update per task of each entry, in order, then acknowledge the entries.
-
-        A malformed entry is logged and skipped; an unreachable backend stops the batch (what was
-        broadcast is acknowledged, the rest is read again from this consumer's backlog).
-        """
-        looked = await self._look_up(entries)
-        acked: dict[str, list[str]] = {}
-        finished: list[str] = []
-        changes: list[dict[str, Any]] = []
-        try:
-            for stream, entry_id, fields in entries:
-                try:
-                    for update, changed in self._updates(stream, entry_id, fields or {}, looked):
-                        await events.broadcast(f"task.{update.task_id}", update.model_dump(mode="json"))
-                        if update.status.terminal:
-                            finished.append(update.task_id)
-                        if changed and self.publish_status_events:
-                            changes.append(update.model_dump(include=_CHANGE_FIELDS, mode="json"))
-                except (BusConnectionError, *UNREACHABLE):
-                    raise
-                except BusError as exc:
-                    if not isinstance(exc, InvalidMessage):
-                        raise  # e.g. the event bus is stopped: not this entry's fault
-                    log.error("task relay: skipped status entry %s of %s: %s", entry_id, stream, exc)
-                except Exception:
-                    log.exception("task relay: skipped status entry %s of %s", entry_id, stream)
-                acked.setdefault(stream, []).append(entry_id)
-            if changes:
-                try:
-                    await asyncio.gather(*(events.publish("task.status", c) for c in changes))
-                except BaseException:
-                    acked.clear()  # the whole batch again (broadcasts too): no status event is lost
-                    raise
-        finally:
-            for task_id in finished:
-                self._tasks.pop(task_id, None)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if finished:
-                    pipe.zrem(self.keys.deadlines, *finished)
-                for stream, ids in acked.items():
-                    pipe.xack(stream, RELAY_GROUP, *ids)
-                if len(pipe):
-                    await pipe.execute()
-
-    async def _look_up(self, entries: list[tuple[str, str, dict[str, str] | None]]) -> dict[str, Any]:
-        """One round trip for what the entries do not say: type, owner and meeting of tasks not seen
-        yet, results too large to ride in the entry, positions of queued tasks."""
-        pipe = self.redis.pipeline(transaction=False)
-        asks: list[tuple[str, str]] = []
-        asked: set[str] = set()
-        for stream, _, raw in entries:
-            queue, fields = self._streams[stream], raw or {}
-            status = fields.get("status")
-            for task_id in _ids(fields):
-                if task_id not in self._tasks and task_id not in asked:
-                    pipe.hmget(queue.keys.task(task_id), ["type", "owner", "msg"])
-                    asks.append(("meta", task_id))
-                    asked.add(task_id)
-                if status == TaskStatus.COMPLETED and "result" not in fields:
-                    pipe.hget(queue.keys.task(task_id), "result")
-                    asks.append(("result", task_id))
-                elif status == TaskStatus.QUEUED:
-                    pipe.zrank(queue.keys.ready, task_id)
-                    pipe.zrank(queue.keys.delayed, task_id)
-                    pipe.zcard(queue.keys.ready)
-                    asks.append(("position", task_id))
-        if not asks:
-            return {}
-        answers = iter(await pipe.execute())
-        looked: dict[str, Any] = {}
-        for kind, task_id in asks:
-            if kind == "meta":
-                typ, owner, msg = next(answers)
-                self._remember(task_id, typ or None, owner or None, _meeting(msg))
-            elif kind == "result":
-                looked[f"result:{task_id}"] = next(answers)
-            else:
-                rank, delayed_rank, ready = next(answers), next(answers), next(answers)
-                looked[f"position:{task_id}"] = rank if rank is not None else (
-                    ready + delayed_rank if delayed_rank is not None else None)
-        return looked
-
-    def _updates(self, stream: str, entry_id: str, fields: dict[str, str], looked: dict[str, Any]
-                 ) -> list[tuple[TaskUpdate, bool]]:
-        """The updates of one stream entry (a batch entry names many tasks), each with whether it is a
-        change of status (not a progress report)."""
-        if not fields:
-            raise InvalidMessage("the entry is gone (trimmed from the stream)")
-        status = TaskStatus(fields["status"])
-        if not _ids(fields):
-            raise InvalidMessage("the entry names no task")
-        changed = not (status is TaskStatus.PROCESSING and "worker" not in fields)
-        result: Any = None
-        if fields.get("result"):
-            result = from_json(fields["result"])
-        out = []
-        for task_id in _ids(fields):
-            typ, owner, meeting = self._tasks.get(task_id, (None, None, None))
-            if status is TaskStatus.COMPLETED and "result" not in fields:
-                raw = looked.get(f"result:{task_id}")
-                result = from_json(raw) if raw else None
-            update = TaskUpdate(
-                task_id=task_id, queue=self._streams[stream].name, type=fields.get("type") or typ,
-                owner=fields.get("owner") or owner, meeting_id=meeting, status=status,
-                progress=float(fields["progress"]) if fields.get("progress") else None,
-                delta=fields.get("delta") or None, result=result, error=parse_error(fields.get("error")),
-                attempts=int(fields["attempts"]) if fields.get("attempts") else None,
-                position=looked.get(f"position:{task_id}"), at=int(entry_id.split("-")[0]) / 1000,
-                seq=entry_id)
-            out.append((update, changed))
-        return out
-
-    def _remember(self, task_id: str, type: str | None, owner: str | None, meeting: str | None) -> None:
-        if len(self._tasks) >= TASK_CACHE:
-            del self._tasks[next(iter(self._tasks))]  # the oldest: it probably finished elsewhere
-        self._tasks[task_id] = (type, owner, meeting)
-
 
 async def _record_or_none(queue: Queue, task_id: str) -> TaskRecord | None:
     with contextlib.suppress(TaskNotFound):
         return await queue.get(task_id)
-    return None
-
-
-def _ids(fields: Mapping[str, str]) -> list[str]:
-    """The task ids of a status entry: ``id``, or the comma-separated ``ids`` of a batch (none for
-    an entry that names no task: `_updates` refuses it)."""
-    if "ids" in fields:
-        return [i for i in fields["ids"].split(",") if i]
-    return [fields["id"]] if fields.get("id") else []
-
-
-def _meeting(msg: str | None) -> str | None:
-    if not msg:
-        return None
-    with contextlib.suppress(ValueError):
-        body = from_json(msg)
-        if isinstance(body, dict) and isinstance(body.get("meeting_id"), str):
-            return str(body["meeting_id"])
     return None
 
 

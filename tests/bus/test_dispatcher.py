@@ -1,6 +1,7 @@
 """The task dispatcher against the real Redis: routing, submission (single, batch, dedupe), reading and
-cancelling, deadlines (queued, running, finished, two sweepers), the relay (one and two instances,
-bad entries, Redis errors), dead-letter replay; and the queue's cancel-as-timeout it relies on.
+cancelling, deadlines (queued, running, finished, two sweepers), the relay (one and two instances, its
+lease and takeovers, bad entries, Redis errors), `SeqFilter`, dead-letter replay; and the queue's
+cancel-as-timeout it relies on.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from shared.bus import (
     TaskStatus,
     connect,
 )
-from shared.bus.dispatcher import DEFAULT_ROUTES, RELAY_GROUP, Dispatcher, TaskUpdate
+from shared.bus.dispatcher import DEFAULT_ROUTES, Dispatcher, TaskUpdate
 from shared.bus.events import EventBus, Listener
 from shared.bus.keys import DispatchKeys
+from shared.bus.relay import LEADER, RELAY_GROUP, SeqFilter, stream_id
 
 REDIS_URL = os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 WAIT = 15.0  # generous: a slow machine never fails a test, only a wrong outcome does
@@ -146,6 +148,51 @@ def handlers(log: list[str]) -> dict[str, Any]:
 
     return {"ai.chat": chat, "ai.summarize": summarize, "ai.translate": translate,
             "ai.action_items": action_items}
+
+
+def streaming(count: int, pause: float = 0.0) -> Any:
+    """A chat handler streaming its answer as ``count`` deltas ("w0 ", "w1 ", ...), ``pause`` s apart."""
+
+    async def chat(ctx: Context) -> str:
+        for i in range(count):
+            await ctx.progress((i + 1) / count, f"w{i} ")
+            await asyncio.sleep(pause)
+        return "done"
+
+    return chat
+
+
+def passed_on(updates: list[TaskUpdate]) -> list[TaskUpdate]:
+    """What a gateway passes on to its clients: the updates `SeqFilter` finds fresh."""
+    seen = SeqFilter()
+    return [u for u in updates if seen.fresh(u)]
+
+
+async def stream_ids(queue: Queue, task_id: str) -> list[str]:
+    """The ids of the status entries of one task, in stream order."""
+    return [entry_id for entry_id, fields in await queue.events("0", block_ms=1, count=10_000)
+            if fields.get("id") == task_id]
+
+
+def partition(client: Any) -> Callable[[], None]:
+    """Cut ``client`` off from Redis (every command it starts from now on fails as if the network were
+    down), as a dead instance would be; returns what heals it."""
+    pool = client.connection_pool
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise redis_errors.ConnectionError("partitioned from Redis (simulated)")
+
+    pool.get_connection = unreachable
+
+    def heal() -> None:
+        pool.__dict__.pop("get_connection", None)
+
+    return heal
+
+
+def leader_of(*dispatchers: Dispatcher) -> list[Dispatcher]:
+    """The dispatchers whose relay holds the lease (by its own clock)."""
+    return [d for d in dispatchers if d.relay is not None and d.relay.leading]
 
 
 # -- routing and submitting -----------------------------------------------------------------------
@@ -439,11 +486,193 @@ async def test_two_relays_broadcast_each_change_once(make_dispatcher: MakeDispat
             assert {u.meeting_id for u in mine} == {f"m{submitted.index(s)}"}
     info = await redis.xinfo_groups(a.queues["ai"].keys.events)
     assert [(g["name"], g["pending"]) for g in info] == [(RELAY_GROUP, 0)]
+    consumers = await redis.xinfo_consumers(a.queues["ai"].keys.events, RELAY_GROUP)
+    assert [c["name"] for c in consumers] == [LEADER]  # one reader for every instance
+
+
+async def test_one_relay_holds_the_lease_and_keeps_each_tasks_order(
+        make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker, redis: Any,
+        key_prefix: str) -> None:
+    """Two gateways, three tasks streaming 50 deltas each at once: one instance relays, and every
+    client sees every update once, in stream order."""
+    bus_a, bus_b = await make_bus(), await make_bus()
+    listeners = [bus_a.listen("task.>"), bus_b.listen("task.>")]
+    a = make_dispatcher(events=bus_a)
+    b = make_dispatcher(client=await connect(REDIS_URL), events=bus_b)
+    try:
+        async with running(a, b), run_worker(a.queues["ai"], {"ai.chat": streaming(50)}, concurrency=3):
+            await eventually(lambda: _async(bool(leader_of(a, b))), "a relay to lead")
+            [leader] = leader_of(a, b)
+            submitted = [await a.submit(owner="alice", type="ai.chat") for _ in range(3)]
+            ids = {s.task_id for s in submitted}
+            got = [await collect(listener, ids, settle=0.3) for listener in listeners]
+            assert leader_of(a, b) == [leader]
+            assert await redis.get(DispatchKeys(key_prefix).relay_lease) == leader.consumer
+    finally:
+        await b.redis.aclose()
+    for updates in got:
+        assert len({u.seq for u in updates}) == len(updates) == 3 * 53  # each once
+        for s in submitted:
+            mine = [u for u in updates if u.task_id == s.task_id]
+            assert [u.seq for u in mine] == await stream_ids(a.queues["ai"], s.task_id)  # all, in order
+            assert [u.delta for u in mine] == [None, None, *(f"w{i} " for i in range(50)), None]
+            assert mine[-1].status is TaskStatus.COMPLETED
+    events = a.queues["ai"].keys.events
+    assert [(g["name"], g["pending"]) for g in await redis.xinfo_groups(events)] == [(RELAY_GROUP, 0)]
+    assert [c["name"] for c in await redis.xinfo_consumers(events, RELAY_GROUP)] == [LEADER]
+
+
+async def test_a_dead_leader_is_taken_over_and_nothing_is_lost(
+        make_dispatcher: MakeDispatcher, make_bus: Any, make_queue: Callable[..., Queue],
+        run_worker: RunWorker, redis: Any, key_prefix: str) -> None:
+    """The leader is cut off from Redis mid-stream (as if it died, without releasing the lease): it
+    stops relaying when its lease ends, the other instance takes the lease and first re-reads what the
+    dead one read and did not acknowledge. Clients may get repeats, never a gap or a step back."""
+    observer = await make_bus()
+    listener = observer.listen("task.>")
+    clients = [await connect(REDIS_URL), await connect(REDIS_URL)]
+    a, b = [make_dispatcher(client=c, events=await make_bus(), relay_lease_seconds=0.6) for c in clients]
+    heal: Callable[[], None] | None = None
+    both: list[float] = []
+
+    async def watch() -> None:  # the two instances never lead at once
+        while True:
+            if len(leader_of(a, b)) > 1:
+                both.append(time.monotonic())
+            await asyncio.sleep(0.002)
+
+    try:
+        async with running(a, b), run_worker(make_queue("ai"), {"ai.chat": streaming(50, 0.03)}):
+            watcher = asyncio.create_task(watch())
+            await eventually(lambda: _async(bool(leader_of(a, b))), "a relay to lead")
+            [leader] = leader_of(a, b)
+            survivor = b if leader is a else a
+            s = await survivor.submit(owner="alice", type="ai.chat", meeting_id="m-1")
+            await eventually(lambda: _progress(survivor, s.task_id, 0.2), "ten deltas")
+            heal = partition(leader.redis)
+            got = await collect(listener, {s.task_id}, settle=0.5)
+            watcher.cancel()
+            # The last 40 deltas took over 1.2 s, twice the lease: the survivor relayed the end.
+            assert leader_of(a, b) == [survivor]
+            assert await redis.get(DispatchKeys(key_prefix).relay_lease) == survivor.consumer
+            heal()
+    finally:
+        if heal is not None:
+            heal()
+        for c in clients:
+            await c.aclose()
+    assert both == []
+    expected = await stream_ids(make_queue("ai"), s.task_id)
+    assert {u.seq for u in got} == set(expected)  # nothing lost (repeats allowed)
+    clean = passed_on(got)
+    assert [u.seq for u in clean] == expected
+    assert [u.delta for u in clean] == [None, None, *(f"w{i} " for i in range(50)), None]
+    assert all(u.meeting_id == "m-1" for u in clean) and clean[-1].result == "done"
+    info = await redis.xinfo_groups(make_queue("ai").keys.events)
+    assert [(g["name"], g["pending"]) for g in info] == [(RELAY_GROUP, 0)]
+
+
+async def test_a_clean_stop_hands_the_lease_over_at_once(
+        make_dispatcher: MakeDispatcher, make_bus: Any, make_queue: Callable[..., Queue],
+        run_worker: RunWorker, redis: Any, key_prefix: str) -> None:
+    """A leader that stops releases the lease (rather than letting it run out): the other instance
+    takes over at its next try, and since everything read was acknowledged, nothing comes twice."""
+    observer = await make_bus()
+    listener = observer.listen("task.>")
+    lease = DispatchKeys(key_prefix).relay_lease
+    clients = [await connect(REDIS_URL), await connect(REDIS_URL)]
+    a, b = [make_dispatcher(client=c, events=await make_bus(), relay_lease_seconds=1.5) for c in clients]
+    runs = {d: asyncio.create_task(d.run()) for d in (a, b)}
+    try:
+        async with run_worker(make_queue("ai"), {"ai.chat": streaming(50, 0.02)}):
+            await asyncio.wait_for(asyncio.gather(a.ready.wait(), b.ready.wait()), WAIT)
+            await eventually(lambda: _async(bool(leader_of(a, b))), "a relay to lead")
+            [leader] = leader_of(a, b)
+            survivor = b if leader is a else a
+            s = await survivor.submit(owner="alice", type="ai.chat")
+            await eventually(lambda: _progress(survivor, s.task_id, 0.2), "ten deltas")
+            leader.stop()
+            await asyncio.wait_for(runs[leader], WAIT)
+            assert await redis.get(lease) != leader.consumer  # released: nobody waits for it to run out
+            got = await collect(listener, {s.task_id}, settle=0.3)
+            assert leader_of(a, b) == [survivor] and await redis.get(lease) == survivor.consumer
+            after = await survivor.submit(owner="bob", type="ai.chat")
+            assert len(await collect(listener, {after.task_id})) == 53
+    finally:
+        for d in (a, b):
+            d.stop()
+        await asyncio.wait_for(asyncio.gather(*runs.values()), WAIT)
+        for c in clients:
+            await c.aclose()
+    assert len({u.seq for u in got}) == len(got)  # nothing twice
+    assert [u.seq for u in got] == await stream_ids(make_queue("ai"), s.task_id)
+    assert await redis.get(lease) is None  # the survivor released it too
+
+
+async def test_a_new_leader_first_relays_what_the_last_one_left_unacknowledged(
+        make_dispatcher: MakeDispatcher, make_bus: Any, redis: Any, key_prefix: str) -> None:
+    bus = await make_bus()
+    listener = bus.listen("task.>")
+    with pytest.raises(ConfigError, match="lease_seconds"):
+        make_dispatcher(events=bus, relay_lease_seconds=0)
+    d = make_dispatcher(events=bus, relay_lease_seconds=0.6)
+    queue = d.queues["user"]
+    lease = DispatchKeys(key_prefix).relay_lease
+    # The last leader took the lease, read two entries as the leader consumer, and died.
+    await redis.xgroup_create(queue.keys.events, RELAY_GROUP, id="$", mkstream=True)
+    await redis.set(lease, "a-dead-instance", px=600)
+    first = await d.submit(owner="alice", type="user.profile.update")
+    await d.cancel(first.task_id)
+    read = await redis.xreadgroup(RELAY_GROUP, LEADER, {queue.keys.events: ">"})
+    assert len(read[0][1]) == 2
+    second = await d.submit(owner="bob", type="user.profile.update")  # not read by anyone yet
+    await d.cancel(second.task_id)
+    async with running(d):
+        got = await collect(listener, {first.task_id, second.task_id}, settle=0.3)
+        assert await redis.get(lease) == d.consumer
+    assert [(u.task_id, u.status) for u in got] == [
+        (first.task_id, TaskStatus.QUEUED), (first.task_id, TaskStatus.CANCELLED),
+        (second.task_id, TaskStatus.QUEUED), (second.task_id, TaskStatus.CANCELLED)]
+    assert [u.owner for u in got] == ["alice", "alice", "bob", "bob"]
+    assert [u.seq for u in got] == [*await stream_ids(queue, first.task_id),
+                                    *await stream_ids(queue, second.task_id)]
+    assert (await redis.xinfo_groups(queue.keys.events))[0]["pending"] == 0
+
+
+def test_seq_filter_drops_repeats_and_compares_ids_as_numbers() -> None:
+    def update(task_id: str, seq: str | None) -> TaskUpdate:
+        return TaskUpdate(task_id=task_id, queue="ai", type="ai.chat", owner="alice",
+                          status=TaskStatus.PROCESSING, at=0.0, seq=seq)
+
+    seen = SeqFilter()
+    seqs = ["1700000000000-2", "1700000000000-10", "1700000000000-2", "1700000000000-10",
+            "1700000000000-9", "1700000000001-0", "999999999999-99", "10000000000000-0"]
+    assert [seen.fresh(update("t1", q)) for q in seqs] == [True, True, False, False, False, True, False,
+                                                           True]
+    assert seen.fresh(update("t2", "1700000000000-2"))  # each task has its own order
+    assert not seen.fresh(update("t2", "1700000000000-2"))
+    assert all(seen.fresh(update("t3", None)) for _ in range(2))  # nothing to order by: passed on
+    assert seen.fresh(update("t3", "not-an-id")) and seen.fresh(update("t3", "not-an-id"))
+
+    assert stream_id("1700000000000-10") == (1700000000000, 10) > stream_id("1700000000000-2")
+    assert stream_id("5") == (5, 0)
+    for bad in ("", "-1", "1-", "1-x", "x-1", "1-2-3", "1.5-0"):
+        with pytest.raises(ValueError):
+            stream_id(bad)
+
+    small = SeqFilter(size=2)  # remembers the two tasks seen last
+    assert small.fresh(update("a", "1-1")) and small.fresh(update("b", "1-1"))
+    assert not small.fresh(update("a", "1-1"))  # a repeat, and now "a" is the most recent
+    assert small.fresh(update("c", "1-1"))  # forgets "b"
+    assert not small.fresh(update("a", "1-1"))
+    assert small.fresh(update("b", "1-1"))  # forgotten, so passed on again
+    with pytest.raises(ConfigError):
+        SeqFilter(size=0)
 
 
 async def test_relay_skips_bad_entries_and_survives_redis_errors(
         make_dispatcher: MakeDispatcher, make_bus: Any, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="shared.bus.dispatcher")
+    caplog.set_level(logging.WARNING, logger="shared.bus.relay")
     bus = await make_bus()
     listener = bus.listen("task.>")
     client = await connect(REDIS_URL)
@@ -573,6 +802,10 @@ async def _async(value: bool) -> bool:
 
 async def _status(d: Dispatcher, task_id: str, status: TaskStatus) -> bool:
     return (await d.get(task_id)).status is status
+
+
+async def _progress(d: Dispatcher, task_id: str, at_least: float) -> bool:
+    return ((await d.get(task_id)).progress or 0.0) >= at_least
 
 
 async def _terminal(d: Dispatcher, task_id: str) -> bool:

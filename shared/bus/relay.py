@@ -1,0 +1,431 @@
+"""The task relay: one gateway instance at a time broadcasts every task status change, in stream order.
+
+- Leadership is a lease (``DispatchKeys.relay_lease``) taken with ``SET <instance> NX PX <ttl>``, renewed
+  by its holder every ttl/3 (``lua/relay-renew-1.lua``) and released on a clean stop
+  (``lua/relay-release-1.lua``); the others try to take it every ttl/3. A holder that cannot renew
+  stops when the lease ends by its own clock, before Redis lets another take it, and no blocking
+  read of its outlasts the lease.
+- Every holder reads the status streams of the routed queues as one consumer, ``leader``, of the group
+  ``relay``: first that consumer's pending entries (the last holder read them and did not acknowledge
+  them), then new ones; each is acknowledged once broadcast (a `TaskUpdate` on ``task.<task_id>``).
+- So updates come in stream order, at least once: after a takeover a few may come again. Each
+  carries its stream entry id as ``seq``; a receiver drops repeats with `SeqFilter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import from_json
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from .connection import UNREACHABLE
+from .errors import BusConnectionError, BusError, ConfigError, InvalidMessage
+from .events import EventBus
+from .keys import DEFAULT_PREFIX, DispatchKeys
+from .message import TaskError, TaskStatus
+from .queue import Queue
+from .records import parse_error
+from .scripts import Scripts
+
+log = logging.getLogger(__name__)
+
+RELAY_GROUP = "relay"
+LEADER = "leader"          # the one consumer name every lease holder reads as
+LEASE_SECONDS = 3.0        # the relay lease's time to live; renewed (or retried) every third of it
+RELAY_BATCH = 100          # stream entries per read, per queue
+RELAY_BLOCK_MS = 1000      # at most; never past the lease
+TASK_CACHE = 50_000        # tasks whose type, owner and meeting the relay remembers
+SEQ_MEMORY = 50_000        # tasks whose last seq a `SeqFilter` remembers
+_CHANGE_FIELDS = {"task_id", "queue", "status", "type", "owner", "meeting_id", "progress", "at"}
+Entry = tuple[str, str, dict[str, str] | None]  # stream, entry id, fields (None once trimmed)
+
+
+class TaskUpdate(BaseModel):
+    """One status change of a task, as the relay broadcasts it on ``task.<task_id>``."""
+
+    task_id: str
+    queue: str
+    type: str | None
+    owner: str | None
+    meeting_id: str | None = None
+    status: TaskStatus
+    progress: float | None = None
+    delta: str | None = None
+    result: Any = None
+    error: TaskError | None = None
+    attempts: int | None = None
+    position: int | None = None
+    at: float  # server time of the change (epoch seconds)
+    seq: str | None = None  # the status-stream entry id ("<ms>-<n>"): orders one task's updates
+
+
+def stream_id(seq: str) -> tuple[int, int]:
+    """A stream entry id ``"<ms>-<n>"`` (or ``"<ms>"``) as numbers, which compare in stream order."""
+    ms, dash, n = seq.partition("-")
+    if not ms.isdigit() or (dash and not n.isdigit()):
+        raise ValueError(f"not a stream entry id: {seq!r}")
+    return int(ms), int(n or 0)
+
+
+class SeqFilter:
+    """Drops repeated task updates on the receiving side (the relay delivers at least once).
+
+    ``fresh(update)`` is False when the update's ``seq`` is at or before the last one seen for its
+    task, else it records it and is True. It remembers the ``size`` tasks seen most recently. An
+    update without a ``seq`` (or with one that is not a stream id) cannot be ordered: it is passed.
+    """
+
+    def __init__(self, size: int = SEQ_MEMORY) -> None:
+        if size < 1:
+            raise ConfigError("a SeqFilter remembers at least one task")
+        self.size = size
+        self._last: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def fresh(self, update: TaskUpdate) -> bool:
+        if update.seq is None:
+            return True
+        try:
+            seq = stream_id(update.seq)
+        except ValueError:
+            return True
+        last = self._last.get(update.task_id)
+        if last is not None:
+            self._last.move_to_end(update.task_id)
+            if seq <= last:
+                return False
+        self._last[update.task_id] = seq
+        if len(self._last) > self.size:
+            self._last.popitem(last=False)
+        return True
+
+
+class Relay:
+    """Broadcasts the status changes of ``queues`` while this instance (``instance``, unique per
+    process) holds the relay lease. `run()` until `stop()`; ``ready`` is set once the consumer group
+    exists, so changes from then on are relayed (by whichever instance holds the lease)."""
+
+    def __init__(self, redis: Redis, events: EventBus, queues: Iterable[Queue], *, instance: str,
+                 prefix: str = DEFAULT_PREFIX, lease_seconds: float = LEASE_SECONDS,
+                 publish_status_events: bool = False) -> None:
+        if not (isinstance(lease_seconds, int | float) and math.isfinite(lease_seconds)
+                and lease_seconds >= 0.1):
+            raise ConfigError(f"relay lease_seconds {lease_seconds!r}: a number of seconds >= 0.1")
+        self.redis = redis
+        self.events = events
+        self.instance = instance
+        self.keys = DispatchKeys(prefix)
+        self.lease_seconds = float(lease_seconds)
+        self.renew_every = self.lease_seconds / 3
+        self._lease_ms = math.ceil(self.lease_seconds * 1000)
+        self.publish_status_events = publish_status_events
+        self.ready = asyncio.Event()
+        self._streams = {q.keys.events: q for q in queues}
+        self._scripts = Scripts(redis)
+        self._tasks: dict[str, tuple[str | None, str | None, str | None]] = {}  # id -> type, owner, meeting
+        self._until = 0.0  # monotonic time the lease ends by this instance's clock; 0 if not held
+        self._grouped = False
+        self._stopping = asyncio.Event()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this instance holds the lease (by its own clock, which ends it early, never late)."""
+        return time.monotonic() < self._until
+
+    def remember(self, task_id: str, type: str | None, owner: str | None, meeting: str | None) -> None:
+        """What a task's status entries do not carry, known at submission: saves a look-up if this
+        instance relays its updates."""
+        if len(self._tasks) >= TASK_CACHE:
+            del self._tasks[next(iter(self._tasks))]  # the oldest: it probably finished
+        self._tasks[task_id] = (type, owner, meeting)
+
+    def stop(self) -> None:
+        """Ask `run()` to finish: the batch being relayed is completed and acknowledged, then the lease
+        is released."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Take the lease whenever it is free and relay while holding it, until `stop()`."""
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not self._grouped:
+                        await self._create_groups()
+                    self.ready.set()
+                    took = await self._acquire()
+                    failures = 0
+                    if took:
+                        log.info("task relay: %s holds the relay lease", self.instance)
+                        await self._lead()
+                        continue  # lost (or stopping): try again at once, in case it is still ours
+                except Exception as exc:
+                    failures += 1
+                    log.warning("task relay: taking the lease failed (%d in a row): %r", failures, exc)
+                    await self._pause(_backoff(failures))
+                    continue
+                await self._pause(self.renew_every)
+        finally:
+            self._until = 0.0
+            await self._release()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+
+    # -- the lease --------------------------------------------------------------------------------
+
+    async def _acquire(self) -> bool:
+        asked = time.monotonic()
+        took = bool(await self.redis.set(self.keys.relay_lease, self.instance, nx=True, px=self._lease_ms))
+        if not took:  # still ours (a renewal whose answer was lost): renew it
+            took = await self._renew()
+        if took:
+            self._until = asked + self.lease_seconds
+        return took
+
+    async def _renew(self) -> bool:
+        return bool(await self._scripts.run("relay-renew", [self.keys.relay_lease],
+                                            [self.instance, self._lease_ms]))
+
+    async def _keep_lease(self) -> None:
+        """Renew every ttl/3; a failed renewal is retried until the lease ends; returns once it has."""
+        while not self._stopping.is_set():
+            await self._pause(self.renew_every)
+            if self._stopping.is_set():
+                return
+            if not self.leading:
+                log.warning("task relay: the relay lease ran out (no renewal); relaying stops here")
+                return
+            asked = time.monotonic()
+            try:
+                async with asyncio.timeout(self.renew_every):
+                    held = await self._renew()
+            except Exception as exc:
+                log.warning("task relay: renewing the relay lease failed: %r", exc)
+                continue
+            if not held:
+                self._until = 0.0
+                log.warning("task relay: lost the relay lease; relaying stops here")
+                return
+            self._until = asked + self.lease_seconds
+
+    async def _release(self) -> None:
+        try:
+            async with asyncio.timeout(self.renew_every):
+                await self._scripts.run("relay-release", [self.keys.relay_lease], [self.instance])
+        except Exception as exc:
+            log.warning("task relay: releasing the relay lease failed (it ends by itself): %r", exc)
+
+    # -- relaying ---------------------------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        """Relay while the lease is held: pending entries of ``leader`` first, then new ones."""
+        heartbeat = asyncio.create_task(self._keep_lease(), name="relay-lease")
+        failures, backlog = 0, True
+        try:
+            while self.leading and not self._stopping.is_set():
+                try:
+                    if not self._grouped:
+                        await self._create_groups()
+                    entries = await self._read("0" if backlog else ">")
+                    if entries is None:
+                        continue
+                    if backlog and not entries:
+                        backlog = False
+                        continue
+                    await self._relay(entries)
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    backlog = True
+                    if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
+                        self._grouped = False  # a stream was deleted: recreate the group
+                    log.warning("task relay failed (%d in a row): %r", failures, exc)
+                    await self._pause(_backoff(failures))
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _create_groups(self) -> None:
+        for stream in self._streams:
+            try:
+                await self.redis.xgroup_create(stream, RELAY_GROUP, id="$", mkstream=True)
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._grouped = True
+
+    async def _read(self, last: str) -> list[Entry] | None:
+        """Entries of every routed queue's stream: pending ones (``0``), or new ones (``>``, blocking
+        at most until a third of the lease before it ends). None if there was nothing to wait for:
+        stopping, or renewals failing (no read may outlast the lease)."""
+        streams: dict[Any, Any] = dict.fromkeys(self._streams, last)
+        if last != ">":
+            answer = await self.redis.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH)
+        else:
+            block = min(RELAY_BLOCK_MS, int((self._until - time.monotonic() - self.renew_every) * 1000))
+            if block < 1:  # no renewal lately: wait for one (or for the lease to end)
+                await self._pause(min(0.05, self.renew_every))
+                return None
+            read = asyncio.ensure_future(self.redis.xreadgroup(RELAY_GROUP, LEADER, streams,
+                                                               count=RELAY_BATCH, block=block))
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not read.done():
+                read.cancel()  # redis-py drops the connection, which ends the blocked read in Redis
+                await asyncio.gather(read, return_exceptions=True)
+                return None
+            answer = read.result()
+        return [(stream, entry_id, fields) for stream, entries in answer or []
+                for entry_id, fields in entries]
+
+    async def _relay(self, entries: list[Entry]) -> None:
+        """Broadcast one update per task of each entry, in order, then acknowledge the entries.
+
+        A malformed entry is logged and skipped; an unreachable backend stops the batch (what was
+        broadcast is acknowledged, the rest is read again from the backlog); so does losing the
+        lease (the rest is left to the next holder).
+        """
+        looked = await self._look_up(entries)
+        acked: dict[str, list[str]] = {}
+        finished: list[str] = []
+        changes: list[dict[str, Any]] = []
+        try:
+            for stream, entry_id, fields in entries:
+                if not self.leading:
+                    break
+                try:
+                    for update, changed in self._updates(stream, entry_id, fields or {}, looked):
+                        await self.events.broadcast(f"task.{update.task_id}", update.model_dump(mode="json"))
+                        if update.status.terminal:
+                            finished.append(update.task_id)
+                        if changed and self.publish_status_events:
+                            changes.append(update.model_dump(include=_CHANGE_FIELDS, mode="json"))
+                except (BusConnectionError, *UNREACHABLE):
+                    raise
+                except BusError as exc:
+                    if not isinstance(exc, InvalidMessage):
+                        raise  # e.g. the event bus is stopped: not this entry's fault
+                    log.error("task relay: skipped status entry %s of %s: %s", entry_id, stream, exc)
+                except Exception:
+                    log.exception("task relay: skipped status entry %s of %s", entry_id, stream)
+                acked.setdefault(stream, []).append(entry_id)
+            if changes:
+                try:
+                    await asyncio.gather(*(self.events.publish("task.status", c) for c in changes))
+                except BaseException:
+                    acked.clear()  # the whole batch again (broadcasts too): no status event is lost
+                    raise
+        finally:
+            for task_id in finished:
+                self._tasks.pop(task_id, None)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if finished:
+                    pipe.zrem(self.keys.deadlines, *finished)
+                for stream, ids in acked.items():
+                    pipe.xack(stream, RELAY_GROUP, *ids)
+                if len(pipe):
+                    await pipe.execute()
+
+    async def _look_up(self, entries: list[Entry]) -> dict[str, Any]:
+        """One round trip for what the entries do not say: type, owner and meeting of tasks not seen
+        yet, results too large to ride in the entry, positions of queued tasks."""
+        pipe = self.redis.pipeline(transaction=False)
+        asks: list[tuple[str, str]] = []
+        asked: set[str] = set()
+        for stream, _, raw in entries:
+            queue, fields = self._streams[stream], raw or {}
+            status = fields.get("status")
+            for task_id in _ids(fields):
+                if task_id not in self._tasks and task_id not in asked:
+                    pipe.hmget(queue.keys.task(task_id), ["type", "owner", "msg"])
+                    asks.append(("meta", task_id))
+                    asked.add(task_id)
+                if status == TaskStatus.COMPLETED and "result" not in fields:
+                    pipe.hget(queue.keys.task(task_id), "result")
+                    asks.append(("result", task_id))
+                elif status == TaskStatus.QUEUED:
+                    pipe.zrank(queue.keys.ready, task_id)
+                    pipe.zrank(queue.keys.delayed, task_id)
+                    pipe.zcard(queue.keys.ready)
+                    asks.append(("position", task_id))
+        if not asks:
+            return {}
+        answers = iter(await pipe.execute())
+        looked: dict[str, Any] = {}
+        for kind, task_id in asks:
+            if kind == "meta":
+                typ, owner, msg = next(answers)
+                self.remember(task_id, typ or None, owner or None, _meeting(msg))
+            elif kind == "result":
+                looked[f"result:{task_id}"] = next(answers)
+            else:
+                rank, delayed_rank, ready = next(answers), next(answers), next(answers)
+                looked[f"position:{task_id}"] = rank if rank is not None else (
+                    ready + delayed_rank if delayed_rank is not None else None)
+        return looked
+
+    def _updates(self, stream: str, entry_id: str, fields: dict[str, str], looked: dict[str, Any]
+                 ) -> list[tuple[TaskUpdate, bool]]:
+        """The updates of one stream entry (a batch entry names many tasks), each with whether it is a
+        change of status (not a progress report)."""
+        if not fields:
+            raise InvalidMessage("the entry is gone (trimmed from the stream)")
+        status = TaskStatus(fields["status"])
+        if not _ids(fields):
+            raise InvalidMessage("the entry names no task")
+        changed = not (status is TaskStatus.PROCESSING and "worker" not in fields)
+        result: Any = None
+        if fields.get("result"):
+            result = from_json(fields["result"])
+        out = []
+        for task_id in _ids(fields):
+            typ, owner, meeting = self._tasks.get(task_id, (None, None, None))
+            if status is TaskStatus.COMPLETED and "result" not in fields:
+                raw = looked.get(f"result:{task_id}")
+                result = from_json(raw) if raw else None
+            update = TaskUpdate(
+                task_id=task_id, queue=self._streams[stream].name, type=fields.get("type") or typ,
+                owner=fields.get("owner") or owner, meeting_id=meeting, status=status,
+                progress=float(fields["progress"]) if fields.get("progress") else None,
+                delta=fields.get("delta") or None, result=result, error=parse_error(fields.get("error")),
+                attempts=int(fields["attempts"]) if fields.get("attempts") else None,
+                position=looked.get(f"position:{task_id}"), at=int(entry_id.split("-")[0]) / 1000,
+                seq=entry_id)
+            out.append((update, changed))
+        return out
+
+
+def _ids(fields: Mapping[str, str]) -> list[str]:
+    """The task ids of a status entry: ``id``, or the comma-separated ``ids`` of a batch (none for
+    an entry that names no task: `_updates` refuses it)."""
+    if "ids" in fields:
+        return [i for i in fields["ids"].split(",") if i]
+    return [fields["id"]] if fields.get("id") else []
+
+
+def _meeting(msg: str | None) -> str | None:
+    if not msg:
+        return None
+    with contextlib.suppress(ValueError):
+        body = from_json(msg)
+        if isinstance(body, dict) and isinstance(body.get("meeting_id"), str):
+            return str(body["meeting_id"])
+    return None
+
+
+def _backoff(failures: int) -> float:
+    return float(min(5.0, 0.05 * 2 ** min(failures, 7)) * random.uniform(0.5, 1.0))
