@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -82,7 +83,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         """FastAPI's document less the 422 it adds to every operation: invalid input answers 400 here,
         as each operation's responses say."""
-        if app.openapi_schema is None:
+        document = app.openapi_schema
+        if document is None:
             document = FastAPI.openapi(app)
             for operations in document.get("paths", {}).values():
                 for operation in operations.values():
@@ -91,7 +93,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     operation["responses"] = dict(sorted(answers.items()))
             for unused in ("HTTPValidationError", "ValidationError"):
                 document.get("components", {}).get("schemas", {}).pop(unused, None)
-        return app.openapi_schema
+        return document
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -101,7 +103,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         response: Response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        app.state.metrics.requests.labels(request.method, path).observe(time.perf_counter() - started)
+        method = (
+            request.method if request.method in _METHODS else "other"
+        )  # clients pick methods: bound labels
+        app.state.metrics.requests.labels(method, path).observe(time.perf_counter() - started)
         if 400 <= response.status_code < 500:
             app.state.metrics.client_errors.labels(str(response.status_code)).inc()
         return response

@@ -6,11 +6,12 @@ not_found, rate_limited, too_large, unknown_task, unavailable.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.bus import BusConnectionError, BusError, InvalidMessage, MessageTooLarge, TaskNotFound
@@ -26,6 +27,51 @@ _HTTP_CODES = {
     422: "bad_request",
     429: "rate_limited",
 }
+
+
+ErrorCode = Literal[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "rate_limited",
+    "too_large",
+    "unknown_task",
+    "unavailable",
+]
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+    details: list[FieldError] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorInfo
+
+
+_DESCRIPTIONS = {
+    400: "bad_request (malformed or invalid input; `details` says where) or unknown_task (no such type)",
+    401: "unauthorized: no bearer token, or an invalid or expired one",
+    403: "forbidden: this needs the admin role",
+    404: "not_found: no such task (or not yours), or no such queue",
+    413: "too_large: the task's data is over the size limit",
+    429: "rate_limited: too many submissions; see `Retry-After`",
+    503: "unavailable: a backend is unreachable; try again shortly",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each answering `ErrorBody`."""
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
 
 
 class ApiError(Exception):
@@ -54,6 +100,14 @@ def from_bus_error(exc: BusError) -> ApiError:
     return ApiError(400, "bad_request", str(exc))
 
 
+def allowed_methods(request: Request) -> str | None:
+    """A 405's ``Allow``: every method documented for the route's path (Starlette names only those of
+    the route it matched first, so a GET-or-DELETE path answered ``Allow: GET``)."""
+    route = request.scope.get("route")
+    documented = request.app.openapi().get("paths", {}).get(getattr(route, "path_format", None), {})
+    return ", ".join(method.upper() for method in documented) or None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -76,6 +130,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "unavailable")
-        return JSONResponse(
-            body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and (allow := allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": allow}
+        return JSONResponse(body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)

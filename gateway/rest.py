@@ -15,10 +15,10 @@ from shared.bus import Priority, QueueStats, TaskNotFound, TaskRecord, TaskStatu
 from shared.bus.dispatcher import Dispatcher, Submitted
 
 from .auth import Admin, Principal, User
-from .errors import ApiError
+from .errors import ApiError, responses
 from .live import Live, task_frame
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=responses(400, 401, 503))
 PriorityName = Literal["critical", "high", "normal", "low"]
 TaskId = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")]
 QueueName = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
@@ -27,7 +27,8 @@ QueueName = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z
 class TaskSubmit(BaseModel):
     """One task to run: its type picks the owning service's queue."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: no bool or string where the schema says number (lax pydantic takes `"delay_s": false`)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: str = Field(min_length=1, max_length=200, examples=["ai.summarize"])
     data: Any = None
@@ -108,14 +109,22 @@ async def submit(dispatcher: Dispatcher, principal: Principal, task: TaskSubmit)
     )
 
 
-@router.post("/tasks", status_code=202, response_model=Accepted, tags=["tasks"])
+@router.post(
+    "/tasks", status_code=202, response_model=Accepted, tags=["tasks"], responses=responses(413, 429)
+)
 async def post_task(request: Request, principal: User, task: TaskSubmit) -> Accepted:
     """Submit a task; it is routed to the queue of the service that owns its type."""
     _limit(request, principal)
     return _accepted(await submit(_dispatcher(request), principal, task))
 
 
-@router.post("/tasks/batch", status_code=202, response_model=AcceptedBatch, tags=["tasks"])
+@router.post(
+    "/tasks/batch",
+    status_code=202,
+    response_model=AcceptedBatch,
+    tags=["tasks"],
+    responses=responses(413, 429),
+)
 async def post_batch(request: Request, principal: User, batch: TaskBatch) -> AcceptedBatch:
     """Submit up to 1,000 tasks at once: all are validated before any is queued."""
     _limit(request, principal, len(batch.tasks))
@@ -135,7 +144,7 @@ async def post_batch(request: Request, principal: User, batch: TaskBatch) -> Acc
     return AcceptedBatch(tasks=[_accepted(s) for s in submitted])
 
 
-@router.post("/tasks/retry-failed", response_model=Replayed, tags=["admin"])
+@router.post("/tasks/retry-failed", response_model=Replayed, tags=["admin"], responses=responses(403, 404))
 async def retry_failed(
     request: Request, principal: Admin, queue: Annotated[str | None, Query(max_length=100)] = None
 ) -> Replayed:
@@ -146,13 +155,13 @@ async def retry_failed(
     return Replayed(replayed=await dispatcher.retry_failed(queue))
 
 
-@router.get("/tasks/{task_id}", response_model=TaskRecord, tags=["tasks"])
+@router.get("/tasks/{task_id}", response_model=TaskRecord, tags=["tasks"], responses=responses(404))
 async def get_task(request: Request, principal: User, task_id: TaskId) -> TaskRecord:
     """The task's record: status, position, progress, result or error, attempts, timestamps."""
     return await owned_record(_dispatcher(request), principal, task_id)
 
 
-@router.delete("/tasks/{task_id}", response_model=Cancelled, tags=["tasks"])
+@router.delete("/tasks/{task_id}", response_model=Cancelled, tags=["tasks"], responses=responses(404))
 async def cancel_task(request: Request, principal: User, task_id: TaskId) -> Cancelled:
     """Cancel a queued, delayed or running task (a finished one is left as it is)."""
     dispatcher = _dispatcher(request)
@@ -168,7 +177,10 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 @router.get(
     "/tasks/{task_id}/events",
     tags=["tasks"],
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+        **responses(404),
+    },
 )
 async def task_events(request: Request, principal: User, task_id: TaskId) -> StreamingResponse:
     """Server-Sent Events of the task's updates (``status``, ``progress``, then one ``result``), for
@@ -221,6 +233,8 @@ async def task_events(request: Request, principal: User, task_id: TaskId) -> Str
 
 # -- admin ----------------------------------------------------------------------------------------
 
+ADMIN_QUEUE = responses(403, 404)
+
 
 def _queue(request: Request, name: str) -> Any:
     dispatcher = _dispatcher(request)
@@ -232,21 +246,21 @@ def _queue(request: Request, name: str) -> Any:
         ) from None
 
 
-@router.get("/queues", response_model=list[QueueStats], tags=["admin"])
+@router.get("/queues", response_model=list[QueueStats], tags=["admin"], responses=responses(403))
 async def list_queues(request: Request, principal: Admin) -> list[QueueStats]:
     """Every routed queue at a glance."""
     queues = _dispatcher(request).queues
     return list(await asyncio.gather(*(queues[name].stats() for name in sorted(queues))))
 
 
-@router.get("/queues/{name}", response_model=QueueStats, tags=["admin"])
+@router.get("/queues/{name}", response_model=QueueStats, tags=["admin"], responses=ADMIN_QUEUE)
 async def get_queue(request: Request, principal: Admin, name: QueueName) -> QueueStats:
     """Depth per level, delayed, in flight, dead letters, consumers, counters, rates, start latency."""
     stats: QueueStats = await _queue(request, name).stats()
     return stats
 
 
-@router.post("/queues/{name}/pause", response_model=QueueStats, tags=["admin"])
+@router.post("/queues/{name}/pause", response_model=QueueStats, tags=["admin"], responses=ADMIN_QUEUE)
 async def pause_queue(request: Request, principal: Admin, name: QueueName) -> QueueStats:
     queue = _queue(request, name)
     await queue.pause()
@@ -254,7 +268,7 @@ async def pause_queue(request: Request, principal: Admin, name: QueueName) -> Qu
     return stats
 
 
-@router.post("/queues/{name}/resume", response_model=QueueStats, tags=["admin"])
+@router.post("/queues/{name}/resume", response_model=QueueStats, tags=["admin"], responses=ADMIN_QUEUE)
 async def resume_queue(request: Request, principal: Admin, name: QueueName) -> QueueStats:
     queue = _queue(request, name)
     await queue.resume()
@@ -262,13 +276,15 @@ async def resume_queue(request: Request, principal: Admin, name: QueueName) -> Q
     return stats
 
 
-@router.get("/queues/{name}/dead-letters", response_model=list[TaskRecord], tags=["admin"])
+@router.get(
+    "/queues/{name}/dead-letters", response_model=list[TaskRecord], tags=["admin"], responses=ADMIN_QUEUE
+)
 async def dead_letters(
     request: Request,
     principal: Admin,
     name: QueueName,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[TaskRecord]:
     records: list[TaskRecord] = await _queue(request, name).dead_letters(limit=limit, offset=offset)
     return records
@@ -282,7 +298,9 @@ class ReplayRequest(BaseModel):
     )
 
 
-@router.post("/queues/{name}/dead-letters/replay", response_model=Replayed, tags=["admin"])
+@router.post(
+    "/queues/{name}/dead-letters/replay", response_model=Replayed, tags=["admin"], responses=ADMIN_QUEUE
+)
 async def replay_dead_letters(
     request: Request,
     principal: Admin,
@@ -293,7 +311,7 @@ async def replay_dead_letters(
     return Replayed(replayed=count)
 
 
-@router.get("/stats", tags=["admin"])
+@router.get("/stats", tags=["admin"], responses=responses(403))
 async def stats(request: Request, principal: Admin) -> dict[str, Any]:
     """The gateway's sessions and live traffic, and every queue's counters."""
     queues = _dispatcher(request).queues
