@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from shared.bus import BusSettings, ConfigError
+from shared.bus import BusSettings
 
 log = logging.getLogger(__name__)
 DEV_SECRET = "meetmesh-development-secret-change-me-now"
@@ -30,11 +30,7 @@ class GatewaySettings(BusSettings):
 
     @classmethod
     def load(cls) -> GatewaySettings:
-        try:
-            settings = cls()
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"MEETMESH_{str(err['loc'][0]).upper()}: {err['msg']}") from exc
+        settings = super().load()
         if settings.jwt_secret == DEV_SECRET:
             log.warning("MEETMESH_JWT_SECRET is not set: tokens are signed with the development secret")
         return settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,7 +26,7 @@ class BusSettings(BaseSettings):
         return self.events_url or self.redis_url
 
     @classmethod
-    def load(cls) -> BusSettings:
+    def load(cls) -> Self:
         try:
             return cls()
         except ValidationError as exc:
