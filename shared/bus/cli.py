@@ -324,9 +324,11 @@ def _register_sub_apps() -> None:
     # Imported here, not at the top: these modules import helpers from this one.
     from .bench_events import bench_events_cmd
     from .cli_schedule import app as schedule_app
+    from .edge_cli import register as register_edge
 
     app.add_typer(schedule_app, name="schedule")
     bench_app.command("events")(bench_events_cmd)
+    register_edge(app, bench_app)
 
 
 _register_sub_apps()

