@@ -17,7 +17,7 @@ from shared.bus import EventBus, connect
 from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import RateLimiter, SessionHub
 
-from . import errors, rest, ws
+from . import errors, rest, services, ws
 from .live import Live
 from .metrics import Metrics
 from .settings import GatewaySettings
@@ -62,6 +62,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await live.stop()
+            await app.state.services.aclose()  # MeetMesh services: the proxy's HTTP client
             await events.stop()
             await redis.aclose()
 
@@ -79,6 +80,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(rest.router)
     app.include_router(ws.router)
+    services.install(app, settings)  # MeetMesh services: their REST under /api/v1, proxied
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document less the 422 it adds to every operation: invalid input answers 400 here,

@@ -22,6 +22,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "bad_request",
+    409: "conflict",
     413: "too_large",
     415: "bad_request",
     422: "bad_request",
@@ -37,6 +38,7 @@ ErrorCode = Literal[
     "rate_limited",
     "too_large",
     "unknown_task",
+    "conflict",
     "unavailable",
 ]
 
@@ -63,6 +65,7 @@ _DESCRIPTIONS = {
     401: "unauthorized: no bearer token, or an invalid or expired one",
     403: "forbidden: this needs the admin role",
     404: "not_found: no such task (or not yours), or no such queue",
+    409: "conflict: it exists already (a username taken, a meeting already ended)",
     413: "too_large: the task's data is over the size limit",
     429: "rate_limited: too many submissions; see `Retry-After`",
     503: "unavailable: a backend is unreachable; try again shortly",

@@ -21,6 +21,7 @@ from shared.bus.catalogue import check_pattern
 from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import Session, SessionHub
 
+from . import services
 from .auth import Principal, verify
 from .errors import ApiError, from_bus_error
 from .rest import TaskSubmit, owned_record, submit
@@ -178,6 +179,8 @@ class Connection:
             await self._may_watch(task_id)
             self.hub.watch_task(self.session, task_id)
         else:
+            # MeetMesh services: meeting.<id> is for the meeting's participants (and admins) only
+            await services.may_follow(self.ws.app.state, self.principal, topic)
             self.hub.subscribe(self.session, topic)
         self.session.push({"type": "subscribed", "id": frame.get("id"), "topic": topic})
 

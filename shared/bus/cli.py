@@ -320,6 +320,17 @@ def token(
     print(mint(GatewaySettings.load().jwt_secret, user, admin=admin, ttl=ttl))
 
 
+@app.command("service")
+def service_cmd(
+    name: Annotated[str, typer.Argument(help="The service: user, meeting (media, ai when built).")],
+    port: Annotated[int | None, typer.Option(help="HTTP port (default MEETMESH_<NAME>_PORT).")] = None,
+) -> None:
+    """Run one service until SIGTERM/SIGINT: its queue's worker, its events, its REST, /health, /ready."""
+    from services.common.service import main as run_service
+
+    run_service(name, port=port)
+
+
 def _register_sub_apps() -> None:
     # Imported here, not at the top: these modules import helpers from this one.
     from .bench_events import bench_events_cmd

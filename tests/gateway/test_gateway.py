@@ -328,9 +328,12 @@ async def test_ws_cancel_a_running_task(connect: Any, token: Token, service: Any
 
 
 async def test_ws_topic_subscription_receives_broadcast_events(
-    gateway: str, connect: Any, token: Token, settings: Any
+    gateway: str, connect: Any, token: Token, settings: Any, redis: Any
 ) -> None:
+    from services.meeting.keys import MeetingKeys
     from shared.bus import EventBus
+
+    await redis.sadd(MeetingKeys(settings.key_prefix).participants("m1"), "alice")  # only participants may
 
     sender = EventBus.from_url(settings.redis_url, service="meeting", prefix=settings.key_prefix)
     await sender.start()

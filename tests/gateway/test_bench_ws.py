@@ -1,0 +1,53 @@
+"""Smoke test of ``meetmesh bench ws`` (`gateway.bench`): tiny numbers, real processes (gateway, worker,
+client), checking the result's shape, that every socket was held and every task completed, and that the
+run removed its keys; never speed (the machine is shared)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gateway.bench import run
+from shared.bus import connect
+
+REDIS_URL = os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+LATENCY_KEYS = {"p50_ms", "p95_ms", "p99_ms", "max_ms"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_bench_ws_holds_every_socket_and_completes_every_task() -> None:
+    result = await run(clients=50, rate=100, tasks=100, redis_url=REDIS_URL)
+
+    assert result["clients"] == 50 and result["client_processes"] == 1
+    assert result["prefix"].startswith("mmbench-ws-")
+    assert result["sockets_held"] == 50 and result["sockets_failed"] == 0, result["connect_errors"]
+    assert result["sockets_open_at_end"] == 50
+    assert result["gateway_sessions"]["attached"] >= 50
+    assert result["rss_mb_after"] > 0 and result["rss_mb_before"] > 0
+    for key in ("rss_kb_per_socket", "rss_mb_per_1000_sockets", "gateway_cpu_ms_per_connect"):
+        assert isinstance(result[key], float), key
+
+    rt = result["round_trip"]
+    assert rt["sent"] == 100 and rt["accepted"] == 100
+    assert rt["completed"] == 100 and rt["statuses"] == {"completed": 100} and rt["missing_results"] == 0
+    assert rt["error_count"] == 0 and rt["ok"] is True and result["ok"] is True
+    assert result["logged"] == {}  # no process logged a warning
+    assert rt["sockets"] == 50  # fewer held than the 100 the phase would use: all of them
+    for figures in (rt, rt["to_accepted"]):
+        assert LATENCY_KEYS <= set(figures)
+        assert 0 < figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    assert rt["to_accepted"]["p50_ms"] <= rt["p50_ms"]
+    assert LATENCY_KEYS <= set(rt["to_processing"])  # empty (None) only if no status frame came
+
+    assert set(result["targets"]) == {"sockets_held", "rss_kb_per_socket", "p99_ms"}
+    assert result["targets"]["sockets_held"]["met"] is None  # judged only at 10,000 clients
+    assert result["targets"]["rss_kb_per_socket"]["met"] is None
+    assert isinstance(result["targets"]["p99_ms"]["met"], bool)
+
+    redis = await connect(REDIS_URL)  # the run removed what it wrote
+    try:
+        assert [k async for k in redis.scan_iter(match=f"{result['prefix']}:*")] == []
+    finally:
+        await redis.aclose()
