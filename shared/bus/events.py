@@ -66,6 +66,13 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
+def check_topic(topic: str) -> str:
+    """A broadcast topic (``meeting.m1``, ``task.<id>``), or `InvalidMessage` saying what is wrong."""
+    if not _TOPIC.match(topic):
+        raise InvalidMessage(f"broadcast topic {topic!r}: use dot-separated words of A-Z a-z 0-9 _ -")
+    return topic
+
+
 @dataclass(frozen=True)
 class Retention:
     """How long durable events are kept for services that are down: by age, by count, or both."""
@@ -273,8 +280,7 @@ class EventBus(abc.ABC):
     async def broadcast(self, topic: str, data: Any = None) -> None:
         """Send ``data`` to every live process listening on a pattern that takes ``topic``; no retention."""
         self._check_started()
-        if not _TOPIC.match(topic):
-            raise InvalidMessage(f"broadcast topic {topic!r}: use dot-separated words of A-Z a-z 0-9 _ -")
+        check_topic(topic)
         try:
             body = BroadcastMessage(topic=topic, data=data, source=self.service, time=time.time())
             raw = body.model_dump_json().encode()

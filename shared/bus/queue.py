@@ -70,7 +70,7 @@ class Queue(LeaseOps):
         record_ttl: float = 86_400.0,
         dedupe_ttl: float = 3_600.0,
         max_message_bytes: int = 1 << 20,
-        events_maxlen: int = 10_000,
+        events_maxlen: int = 100_000,
     ) -> None:
         if aging_seconds is not None and aging_seconds <= 0:
             raise ValueError("aging_seconds must be > 0 (or None for strict levels)")

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -29,9 +29,8 @@ from pydantic_core import from_json
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from .connection import UNREACHABLE
-from .errors import BusConnectionError, BusError, ConfigError, InvalidMessage
-from .events import EventBus
+from .errors import BusError, ConfigError, InvalidMessage
+from .events import EventBus, check_topic
 from .keys import DEFAULT_PREFIX, DispatchKeys
 from .message import TaskError, TaskStatus
 from .queue import Queue
@@ -303,19 +302,19 @@ class Relay:
         acked: dict[str, list[str]] = {}
         finished: list[str] = []
         changes: list[dict[str, Any]] = []
+        sends: list[Coroutine[Any, Any, None]] = []
         try:
             for stream, entry_id, fields in entries:
                 if not self.leading:
                     break
                 try:
                     for update, changed in self._updates(stream, entry_id, fields or {}, looked):
-                        await self.events.broadcast(f"task.{update.task_id}", update.model_dump(mode="json"))
+                        topic = check_topic(f"task.{update.task_id}")  # here: a bad one skips its entry only
+                        sends.append(self.events.broadcast(topic, update.model_dump(mode="json")))
                         if update.status.terminal:
                             finished.append(update.task_id)
                         if changed and self.publish_status_events:
                             changes.append(update.model_dump(include=_CHANGE_FIELDS, mode="json"))
-                except (BusConnectionError, *UNREACHABLE):
-                    raise
                 except BusError as exc:
                     if not isinstance(exc, InvalidMessage):
                         raise  # e.g. the event bus is stopped: not this entry's fault
@@ -323,6 +322,12 @@ class Relay:
                 except Exception:
                     log.exception("task relay: skipped status entry %s of %s", entry_id, stream)
                 acked.setdefault(stream, []).append(entry_id)
+            # All at once: the event bus pipelines them, in this order, in one round trip.
+            try:
+                await asyncio.gather(*sends)
+            except BaseException:
+                acked.clear()  # read again from the backlog; gateways drop the repeats (SeqFilter)
+                raise
             if changes:
                 try:
                     await asyncio.gather(*(self.events.publish("task.status", c) for c in changes))
@@ -330,6 +335,8 @@ class Relay:
                     acked.clear()  # the whole batch again (broadcasts too): no status event is lost
                     raise
         finally:
+            for pending in sends:
+                pending.close()  # not awaited when the batch stopped before sending: release them
             for task_id in finished:
                 self._tasks.pop(task_id, None)
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -357,7 +364,9 @@ class Relay:
                 if status == TaskStatus.COMPLETED and "result" not in fields:
                     pipe.hget(queue.keys.task(task_id), "result")
                     asks.append(("result", task_id))
-                elif status == TaskStatus.QUEUED:
+                elif status == TaskStatus.QUEUED and "priority" not in fields:
+                    # a retry or a reclaim; a fresh enqueue (it carries `priority`) was answered with
+                    # its position already, and looking it up is three commands per task
                     pipe.zrank(queue.keys.ready, task_id)
                     pipe.zrank(queue.keys.delayed, task_id)
                     pipe.zcard(queue.keys.ready)
