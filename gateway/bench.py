@@ -146,7 +146,10 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-    round_trip, to_accepted, to_processing, statuses = [], [], [], {}
+    round_trip: list[float] = []
+    to_accepted: list[float] = []
+    to_processing: list[float] = []
+    statuses: dict[str, int] = {}
     for i in range(WARMUP_TASKS, WARMUP_TASKS + tasks):
         request = f"r{i}"
         if request not in accepted:
