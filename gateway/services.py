@@ -1,4 +1,5 @@
-"""The services' REST under /api/v1, proxied: accounts (user service) and meetings (meeting service).
+"""The services' REST under /api/v1, proxied: accounts (user service), meetings (meeting service) and
+media (media service: uploads streamed through, covers passed back as JPEG).
 
 Each route is declared here with the service's own request and response models (so the gateway's
 OpenAPI document shows them and bad input is refused here, 400, before any hop), verifies the
@@ -7,8 +8,9 @@ adding the caller in ``X-MeetMesh-User`` / ``X-MeetMesh-Roles`` and the gateway 
 (`services.common.identity`). The service's answer, success or JSON error, is passed through; a
 service that cannot be reached (or fails) answers 503 ``unavailable``.
 
-Where each service is: ``MEETMESH_USER_URL`` / ``MEETMESH_MEETING_URL``, by default
-``http://127.0.0.1:<MEETMESH_USER_PORT or 8101>`` and ``<MEETMESH_MEETING_PORT or 8102>``.
+Where each service is: ``MEETMESH_USER_URL`` / ``MEETMESH_MEETING_URL`` / ``MEETMESH_MEDIA_URL``, by
+default ``http://127.0.0.1:<MEETMESH_USER_PORT or 8101>``, ``<MEETMESH_MEETING_PORT or 8102>`` and
+``<MEETMESH_MEDIA_PORT or 8103>``.
 
 Also here: `may_follow`, the WebSocket's check that only a meeting's participants (and admins)
 subscribe to ``meeting.<id>``, read from the participant sets the meeting service keeps in Redis.
@@ -17,15 +19,17 @@ subscribe to ``meeting.<id>``, read from the participant sets the meeting servic
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Body, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.requests import ClientDisconnect  # media
 
 from services.common import Actor, ServiceError, identity_headers
+from services.media.schemas import UPLOAD_SLACK, MediaOut, Uploaded  # media
 from services.meeting.presence import Presence
 from services.meeting.schemas import (
     CHAT_PAGE_MAX,
@@ -64,11 +68,17 @@ class ServiceUrls(BaseSettings):
     meeting_port: int = 8102
     user_url: str | None = None
     meeting_url: str | None = None
+    # media: where it is, and the upload limit (MEETMESH_MEDIA_MAX_BYTES, as the service's): a larger
+    # upload is refused here, before any hop
+    media_port: int = 8103
+    media_url: str | None = None
+    media_max_bytes: int = 100 * 1024 * 1024
 
     def urls(self) -> dict[str, str]:
         return {
             "user": self.user_url or f"http://{self.service_host}:{self.user_port}",
             "meeting": self.meeting_url or f"http://{self.service_host}:{self.meeting_port}",
+            "media": self.media_url or f"http://{self.service_host}:{self.media_port}",  # media
         }
 
 
@@ -118,6 +128,44 @@ class ServiceProxy:
             raise ApiError(503, "unavailable", f"the {service} service failed; try again shortly")
         return Response(answer.content, status_code=answer.status_code, media_type="application/json")
 
+    # -- media: raw bodies (an upload streamed through, a JPEG passed back) -----------------------
+
+    async def send(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        principal: Principal,
+        *,
+        content: AsyncIterator[bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Response:
+        """Like `call`, with the request body streamed from ``content`` (as is, with ``headers``) and the
+        answer's own content type kept."""
+        if self._client is None:
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+        actor = Actor(principal.user, principal.roles)
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        request = self._client.build_request(
+            method, self.urls[service] + path, params=query, content=content,
+            headers={**identity_headers(self.secret, actor), **(headers or {})},
+        )
+        try:
+            answer = await self._client.send(request)
+        except httpx.TimeoutException:
+            raise ApiError(503, "unavailable", f"the {service} service did not answer in time") from None
+        except httpx.TransportError as exc:
+            log.warning("the %s service is unreachable: %r", service, exc)
+            message = f"the {service} service is unreachable; try again shortly"
+            raise ApiError(503, "unavailable", message) from None
+        if answer.status_code >= 500 or answer.status_code == 401:
+            log.error("the %s service answered %s %s: %s", service, method, path, answer.text[:500])
+            raise ApiError(503, "unavailable", f"the {service} service failed; try again shortly")
+        kind = answer.headers.get("content-type", "application/json")
+        return Response(answer.content, status_code=answer.status_code, media_type=kind)
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -127,7 +175,9 @@ class ServiceProxy:
 def install(app: FastAPI, settings: GatewaySettings) -> None:
     """Serve the services' REST on ``app`` (the proxy is ``app.state.services``)."""
     app.include_router(router)
-    app.state.services = ServiceProxy(ServiceUrls().urls(), settings.jwt_secret)
+    urls = ServiceUrls()
+    app.state.services = ServiceProxy(urls.urls(), settings.jwt_secret)
+    app.state.media_max_bytes = urls.media_max_bytes  # media
 
 
 async def may_follow(state: Any, principal: Principal, topic: str) -> None:
@@ -344,3 +394,113 @@ async def read_chat(
     return await _proxy(request).call(
         "meeting", "GET", f"/meetings/{meeting_id}/chat", principal, params={"after": after, "limit": limit}
     )
+
+
+# -- media (the media service) --------------------------------------------------------------------
+
+MediaId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+_MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorBody, "description": "too_large: the file is over MEETMESH_MEDIA_MAX_BYTES"},
+    415: {"model": ErrorBody, "description": "bad_request: not multipart/form-data, or the file is not "
+          "an MP4, MOV, WebM or MKV video (judged by its bytes) that ffmpeg can play"},
+}
+_UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": "the video: MP4, MOV, WebM or MKV"},
+                        "meeting_id": {"type": "string", "minLength": 1, "maxLength": 64,
+                                       "pattern": "^[A-Za-z0-9_-]+$",
+                                       "description": "a meeting you are in, whose participants hear of it"},
+                        "cover": {"type": "boolean", "default": True,
+                                  "description": "queue media.cover (its task id is in the answer)"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/media",
+    status_code=201,
+    response_model=Uploaded,
+    tags=["media"],
+    responses={**errors(401, 403), **_MEDIA_ERRORS},
+    openapi_extra=_UPLOAD_FORM,
+)
+async def upload_media(request: Request, principal: User) -> Response:
+    """Upload a video (``multipart/form-data``: ``file``, ``meeting_id?``, ``cover?``), streamed to the media
+    service's store. Its type comes from its bytes; over the size limit is 413. Unless ``cover`` is false,
+    ``media.cover`` makes its cover (``cover_task_id``; then ``media.cover_ready``)."""
+    limit: int = request.app.state.media_max_bytes + UPLOAD_SLACK
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        raise ApiError(413, "too_large", f"the upload is over the limit of {limit - UPLOAD_SLACK} bytes")
+    over = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal over
+        seen = 0
+        try:
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    over = True
+                    return
+                yield chunk
+        except ClientDisconnect:
+            return
+
+    headers = {"Content-Type": request.headers.get("content-type", "")}
+    if length is not None:
+        headers["Content-Length"] = length
+    answer = await _proxy(request).send("media", "POST", "/media", principal, content=body(), headers=headers)
+    if over:
+        raise ApiError(413, "too_large", f"the upload is over the limit of {limit - UPLOAD_SLACK} bytes")
+    return answer
+
+
+@router.get("/media", response_model=list[MediaOut], tags=["media"], responses=errors(401))
+async def my_media(
+    request: Request,
+    principal: User,
+    meeting_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> Response:
+    """Your uploads (of one meeting, if given), newest first."""
+    return await _proxy(request).send(
+        "media", "GET", "/media", principal, params={"meeting_id": meeting_id, "limit": limit}
+    )
+
+
+@router.get("/media/{media_id}", response_model=MediaOut, tags=["media"], responses=errors(401, 404))
+async def get_media(request: Request, principal: User, media_id: MediaId) -> Response:
+    """An upload: what it is, its cover's state and its transcodes (yours; admins see any; 404 otherwise)."""
+    return await _proxy(request).send("media", "GET", f"/media/{media_id}", principal)
+
+
+@router.get(
+    "/media/{media_id}/cover",
+    response_class=Response,
+    tags=["media"],
+    responses={
+        200: {
+            "description": "the cover, a JPEG",
+            "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **errors(401, 404),
+    },
+)
+async def media_cover(request: Request, principal: User, media_id: MediaId) -> Response:
+    """An upload's cover (a JPEG frame), once ``media.cover`` made it: 404 until then (saying why)."""
+    return await _proxy(request).send("media", "GET", f"/media/{media_id}/cover", principal)

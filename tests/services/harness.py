@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common import Service, ServiceSettings
+from services.media.service import build as build_media
 from services.meeting.service import build as build_meeting
 from services.user.service import build as build_user
 
@@ -47,8 +48,10 @@ async def running_services(
         **{**CHEAP_ARGON2, **settings},
     )
     users, meetings = build_user(config, port=0), build_meeting(config, port=0)
+    media = build_media(config, port=0)  # its store: <data_dir>/media
     if not workers:
-        users.router = meetings.router = None
-    async with users.running(), meetings.running():
-        with environment(MEETMESH_USER_URL=str(users.url), MEETMESH_MEETING_URL=str(meetings.url)):
-            yield {"user": users, "meeting": meetings}
+        users.router = meetings.router = media.router = None
+    async with users.running(), meetings.running(), media.running():
+        with environment(MEETMESH_USER_URL=str(users.url), MEETMESH_MEETING_URL=str(meetings.url),
+                         MEETMESH_MEDIA_URL=str(media.url)):
+            yield {"user": users, "meeting": meetings, "media": media}
