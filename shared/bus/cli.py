@@ -325,7 +325,7 @@ def token(
 
 @app.command("service")
 def service_cmd(
-    name: Annotated[str, typer.Argument(help="The service: user, meeting (media, ai when built).")],
+    name: Annotated[str, typer.Argument(help="The service: user, meeting, media or ai.")],
     port: Annotated[int | None, typer.Option(help="HTTP port (default MEETMESH_<NAME>_PORT).")] = None,
 ) -> None:
     """Run one service until SIGTERM/SIGINT: its queue's worker, its events, its REST, /health, /ready."""
@@ -341,11 +341,15 @@ def _register_sub_apps() -> None:
     from .bench_events import bench_events_cmd
     from .cli_schedule import app as schedule_app
     from .edge_cli import register as register_edge
+    from .submit import register as register_submit
+    from .up import register as register_up
 
     app.add_typer(schedule_app, name="schedule")
     bench_app.command("events")(bench_events_cmd)
     register_edge(app, bench_app)
     bench_app.command("ws")(bench_ws_cmd)
+    register_up(app)
+    register_submit(app)
 
 
 _register_sub_apps()

@@ -1,0 +1,1 @@
+"""End-to-end: the whole mesh as real processes."""
