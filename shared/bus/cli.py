@@ -307,7 +307,9 @@ def gateway_cmd(
         loop="uvloop", timeout_graceful_shutdown=10,
         # Frames are small JSON: per-message deflate saved little and held ~45 KB of zlib state per
         # socket (78 KB -> 40 KB per socket at 10,000 sockets without it).
-        ws="websockets-sansio", ws_per_message_deflate=False)
+        ws="websockets-sansio", ws_per_message_deflate=False,
+        # uvicorn's access log would print every WebSocket's ?token=; requests are in /metrics.
+        access_log=False)
 
 
 @app.command()
