@@ -147,11 +147,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
 
 def _stats(app: FastAPI) -> dict[str, Any]:
-    hub_stats = app.state.hub.stats if hasattr(app.state, "hub") else {}
-    live = getattr(app.state, "live", None)
+    """Only called by `GET /stats`, after the lifespan made the hub and live updates."""
     return {
-        "sessions": hub_stats() if callable(hub_stats) else hub_stats,
-        "updates_relayed": live.relayed if live else 0,
+        "sessions": app.state.hub.stats,
+        "updates_relayed": app.state.live.relayed,
         "uptime_s": round(time.time() - app.state.started, 1),
     }
 
@@ -162,7 +161,7 @@ async def _reap(hub: SessionHub, metrics: Metrics, every: float = 1.0) -> None:
         await asyncio.sleep(every)
         try:
             hub.reap()
-            stats = hub.stats() if callable(hub.stats) else hub.stats
+            stats = hub.stats
             metrics.sessions.set(stats.get("sessions", 0))
         except Exception:
             log.exception("session reaper")

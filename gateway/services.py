@@ -103,29 +103,8 @@ class ServiceProxy:
         public: bool = False,
     ) -> Response:
         """Forward to ``service``; its answer as a `Response`, or `ApiError` 503 if it has none."""
-        if self._client is None:
-            limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
-        actor = Actor(principal.user, principal.roles) if principal is not None else None
-        query = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
-            answer = await self._client.request(
-                method,
-                self.urls[service] + path,
-                headers=identity_headers(self.secret, actor),
-                params=query,
-                json=body.model_dump(mode="json", exclude_unset=True) if body is not None else None,
-            )
-        except httpx.TimeoutException:
-            raise ApiError(503, "unavailable", f"the {service} service did not answer in time") from None
-        except httpx.TransportError as exc:
-            log.warning("the %s service is unreachable: %r", service, exc)
-            message = f"the {service} service is unreachable; try again shortly"
-            raise ApiError(503, "unavailable", message) from None
-        if answer.status_code >= 500 or (answer.status_code == 401 and not public):
-            # 401 past the gateway's own check: the service refused our key (MEETMESH_JWT_SECRET differs)
-            log.error("the %s service answered %s %s: %s", service, method, path, answer.text[:500])
-            raise ApiError(503, "unavailable", f"the {service} service failed; try again shortly")
+        json = body.model_dump(mode="json", exclude_unset=True) if body is not None else None
+        answer = await self._forward(service, method, path, principal, params, public=public, json=json)
         return Response(answer.content, status_code=answer.status_code, media_type="application/json")
 
     # -- media: raw bodies (an upload streamed through, a JPEG passed back) -----------------------
@@ -143,13 +122,36 @@ class ServiceProxy:
     ) -> Response:
         """Like `call`, with the request body streamed from ``content`` (as is, with ``headers``) and the
         answer's own content type kept."""
+        answer = await self._forward(
+            service, method, path, principal, params, content=content, headers=headers
+        )
+        kind = answer.headers.get("content-type", "application/json")
+        return Response(answer.content, status_code=answer.status_code, media_type=kind)
+
+    async def _forward(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        principal: Principal | None,
+        params: Mapping[str, Any] | None,
+        *,
+        public: bool = False,
+        json: Any = None,
+        content: AsyncIterator[bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """One request to ``service`` with the caller's identity; the service's failures become 503."""
         if self._client is None:
             limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
             self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
-        actor = Actor(principal.user, principal.roles)
-        query = {k: v for k, v in (params or {}).items() if v is not None}
+        actor = Actor(principal.user, principal.roles) if principal is not None else None
         request = self._client.build_request(
-            method, self.urls[service] + path, params=query, content=content,
+            method,
+            self.urls[service] + path,
+            json=json,
+            content=content,
+            params={k: v for k, v in (params or {}).items() if v is not None},
             headers={**identity_headers(self.secret, actor), **(headers or {})},
         )
         try:
@@ -160,11 +162,11 @@ class ServiceProxy:
             log.warning("the %s service is unreachable: %r", service, exc)
             message = f"the {service} service is unreachable; try again shortly"
             raise ApiError(503, "unavailable", message) from None
-        if answer.status_code >= 500 or answer.status_code == 401:
+        if answer.status_code >= 500 or (answer.status_code == 401 and not public):
+            # 401 past the gateway's own check: the service refused our key (MEETMESH_JWT_SECRET differs)
             log.error("the %s service answered %s %s: %s", service, method, path, answer.text[:500])
             raise ApiError(503, "unavailable", f"the {service} service failed; try again shortly")
-        kind = answer.headers.get("content-type", "application/json")
-        return Response(answer.content, status_code=answer.status_code, media_type=kind)
+        return answer
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -401,8 +403,11 @@ async def read_chat(
 MediaId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 _MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "too_large: the file is over MEETMESH_MEDIA_MAX_BYTES"},
-    415: {"model": ErrorBody, "description": "bad_request: not multipart/form-data, or the file is not "
-          "an MP4, MOV, WebM or MKV video (judged by its bytes) that ffmpeg can play"},
+    415: {
+        "model": ErrorBody,
+        "description": "bad_request: not multipart/form-data, or the file is not "
+        "an MP4, MOV, WebM or MKV video (judged by its bytes) that ffmpeg can play",
+    },
 }
 _UPLOAD_FORM = {
     "requestBody": {
@@ -413,13 +418,23 @@ _UPLOAD_FORM = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary",
-                                 "description": "the video: MP4, MOV, WebM or MKV"},
-                        "meeting_id": {"type": "string", "minLength": 1, "maxLength": 64,
-                                       "pattern": "^[A-Za-z0-9_-]+$",
-                                       "description": "a meeting you are in, whose participants hear of it"},
-                        "cover": {"type": "boolean", "default": True,
-                                  "description": "queue media.cover (its task id is in the answer)"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the video: MP4, MOV, WebM or MKV",
+                        },
+                        "meeting_id": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 64,
+                            "pattern": "^[A-Za-z0-9_-]+$",
+                            "description": "a meeting you are in, whose participants hear of it",
+                        },
+                        "cover": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "queue media.cover (its task id is in the answer)",
+                        },
                     },
                 }
             }

@@ -7,9 +7,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from services.common.tasks import MeetingId
+
 Text = Annotated[str, StringConstraints(min_length=1)]
 MaxTokens = Annotated[int, Field(ge=1, description="answer length in tokens (<= MEETMESH_AI_MAX_TOKENS)")]
-MeetingId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Language = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40,
                                             pattern=r"^[^\x00-\x1f{}]+$")]
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from services.common import Service, ServiceSettings
 from services.meeting.client import MeetingClient
-from shared.bus import AdaptiveLimiter, BusConnectionError, Event, Worker
+from shared.bus import AdaptiveLimiter, BusConnectionError, Event
 from shared.bus.edge import EdgeBridge
 
 from . import api, tasks
@@ -20,52 +20,32 @@ log = logging.getLogger(__name__)
 
 
 class AiService(Service):
-    """A `Service` whose worker takes its slots from ``limiter`` and which closes ``bridge`` last.
-
-    The framework builds the worker in ``start()`` with no limiter; the ``worker`` setter hands it
-    ours before it runs. (Once `Service` takes a ``limiter`` itself, the setter is a no-op.)
-    """
+    """The ai `Service`, with the `EdgeBridge` its tasks use: bound once connected, closed at stop
+    (when the bridge is its own) after running tasks have finished their streams."""
 
     def __init__(self, name: str, settings: ServiceSettings | None, *, limiter: AdaptiveLimiter,
                  bridge: EdgeBridge, own_bridge: bool, port: int | None = None,
                  queue_options: Mapping[str, Any] | None = None) -> None:
-        self._worker: Worker | None = None
-        super().__init__(name, settings, port=port, queue_options=queue_options)
-        self.limiter, self.bridge, self._own_bridge = limiter, bridge, own_bridge
+        super().__init__(name, settings, port=port, queue_options=queue_options, limiter=limiter)
+        self.bridge = bridge
         self._bridge_started = False
-        self.closers: list[Callable[[], Awaitable[None]]] = []  # run at stop, after the bridge
+        if own_bridge:
+            self.on_start(self._start_bridge)
+            self.on_stop(self._close_bridge)
 
-    @property
-    def worker(self) -> Worker | None:
-        return self._worker
-
-    @worker.setter
-    def worker(self, worker: Worker | None) -> None:
-        if worker is not None and worker.limiter is None:
-            worker.limiter = self.limiter
-        self._worker = worker
-
-    async def start_bridge(self) -> None:
-        """Bind the bridge (an ``on_start`` hook: before the worker takes tasks)."""
-        if self._own_bridge and not self._bridge_started:
-            try:
-                await self.bridge.start()
-            except BusConnectionError as exc:
-                raise BusConnectionError(f"{exc} (MEETMESH_EDGE_BIND / MEETMESH_EDGE_PORT_OFFSET)") from exc
-            self._bridge_started = True
+    async def _start_bridge(self) -> None:
+        try:
+            await self.bridge.start()
+        except BusConnectionError as exc:
+            raise BusConnectionError(f"{exc} (MEETMESH_EDGE_BIND / MEETMESH_EDGE_PORT_OFFSET)") from exc
+        self._bridge_started = True
         log.info("ai service: edge nodes connect to %s (model %s)", self.bridge.endpoint,
                  getattr(self.settings, "ai_model", "?"))
 
-    async def stop(self) -> None:
-        """Stop as every service does (running tasks finish their streams), then close the bridge."""
-        try:
-            await super().stop()
-        finally:
-            if self._bridge_started:
-                self._bridge_started = False
-                await self.bridge.close()
-            for close in self.closers:
-                await close()
+    async def _close_bridge(self) -> None:
+        if self._bridge_started:
+            self._bridge_started = False
+            await self.bridge.close()
 
 
 def build(settings: ServiceSettings | None = None, *, port: int | None = None,
@@ -84,12 +64,11 @@ def build(settings: ServiceSettings | None = None, *, port: int | None = None,
                         queue_options=queue_options)
     if transcripts is None:
         meetings = MeetingClient(s, base_url=s.meeting_url)
-        service.closers.append(meetings.aclose)
+        service.on_stop(meetings.aclose)
         transcripts = meetings
     assistant = Assistant(service, s, edge, transcripts)
     service.router = tasks.handlers(assistant)
     service.add_routes(api.routes(edge, limiter, s.ai_model))
-    service.on_start(service.start_bridge)
 
     @service.subscribe("meeting.ended")
     async def on_meeting_ended(event: Event[Any]) -> None:

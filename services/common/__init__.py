@@ -6,7 +6,7 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceError, Una
 from .identity import Actor, Caller, Gateway, gateway_key, identity_headers
 from .service import Service
 from .settings import ServiceSettings
-from .tasks import actor, payload, task
+from .tasks import MeetingId, actor, meeting_of, payload, task
 
 __all__ = [
     "Actor",
@@ -16,6 +16,7 @@ __all__ = [
     "Database",
     "Forbidden",
     "Gateway",
+    "MeetingId",
     "NotFound",
     "Service",
     "ServiceError",
@@ -26,6 +27,7 @@ __all__ = [
     "async_url",
     "gateway_key",
     "identity_headers",
+    "meeting_of",
     "payload",
     "task",
 ]

@@ -26,7 +26,18 @@ from fastapi import APIRouter, FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import MetaData
 
-from shared.bus import BusConnectionError, BusError, Event, EventBus, Handler, Queue, Router, Worker, connect
+from shared.bus import (
+    AdaptiveLimiter,
+    BusConnectionError,
+    BusError,
+    Event,
+    EventBus,
+    Handler,
+    Queue,
+    Router,
+    Worker,
+    connect,
+)
 
 from .api import service_app
 from .db import Database
@@ -62,7 +73,8 @@ class Service:
     def __init__(self, name: str, settings: ServiceSettings | None = None, *,
                  router: Mapping[str, Handler] | None = None, routers: Iterable[APIRouter] = (),
                  metadata: Iterable[MetaData] = (), queue: str | None = None, port: int | None = None,
-                 queue_options: Mapping[str, Any] | None = None) -> None:
+                 queue_options: Mapping[str, Any] | None = None,
+                 limiter: AdaptiveLimiter | None = None) -> None:
         self.name = name
         self.settings = settings or ServiceSettings.load()
         self.router = router if router is None or isinstance(router, Router) else Router(router)
@@ -71,11 +83,13 @@ class Service:
         self.queue_name = queue or name
         self.port = self.settings.port_for(name) if port is None else port
         self.queue_options = dict(queue_options or {})
+        self.limiter = limiter  # bounds the worker's concurrency (AIMD), e.g. in front of edge calls
         self.url: str | None = None
         self.worker: Worker | None = None
         self._app: FastAPI | None = None
         self._subscriptions: list[tuple[str, EventHandler]] = []
         self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
         self._redis: Redis | None = None
         self._events: EventBus | None = None
         self._database: Database | None = None
@@ -114,6 +128,12 @@ class Service:
     def on_start(self, fn: Hook) -> Hook:
         """``@service.on_start``: run once connected (store, Redis, events), before work is taken."""
         self._on_start.append(fn)
+        return fn
+
+    def on_stop(self, fn: Hook) -> Hook:
+        """``@service.on_stop``: run at stop, once requests and running tasks are done, before the
+        connections close; each runs even if one before it failed."""
+        self._on_stop.append(fn)
         return fn
 
     # -- resources --------------------------------------------------------------------------------
@@ -176,7 +196,7 @@ class Service:
             if self.router is not None:
                 queue = Queue(self.queue_name, self._redis, prefix=s.key_prefix, **self.queue_options)
                 self.worker = Worker(queue, self.router, concurrency=s.worker_concurrency,
-                                     grace_seconds=s.grace_seconds, name=None)
+                                     grace_seconds=s.grace_seconds, name=None, limiter=self.limiter)
                 self._tasks["worker"] = asyncio.create_task(self.worker.run(), name=f"{self.name}-worker")
             await self._serve(self.app)
         except BaseException:
@@ -222,6 +242,11 @@ class Service:
                 results = await asyncio.gather(task, return_exceptions=True)
                 if isinstance(results[0], Exception):
                     log.error("service %s: %s ended with %r", self.name, name, results[0])
+        for hook in self._on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("service %s: a stop hook failed", self.name)
         if self._events is not None:
             await self._events.stop()
         if self._redis is not None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from shared.bus import Context, Reject, Retry
 
@@ -42,6 +42,27 @@ def describe(exc: ValidationError) -> str:
     """Where and what: pydantic's first complaint, in one line."""
     err = exc.errors()[0]
     return f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
+
+
+MeetingId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+_MEETING_ID: TypeAdapter[str] = TypeAdapter(MeetingId)
+
+
+def meeting_of(ctx: Context, given: str | None = None) -> str:
+    """The meeting a task is for: the message's ``meeting_id``, or the one in its data (``given``, or
+    the payload's ``meeting_id``); when both are there they must agree."""
+    if given is None and isinstance(ctx.payload, dict):
+        given = ctx.payload.get("meeting_id")
+    own = ctx.message.meeting_id
+    if given is not None and own is not None and given != own:
+        raise Reject("bad_request: the payload's meeting_id differs from the task's meeting_id")
+    meeting_id = own or given
+    if meeting_id is None:
+        raise Reject(f"bad_request: {ctx.message.type} needs a meeting_id (the task's, or in its data)")
+    try:
+        return _MEETING_ID.validate_python(meeting_id)
+    except ValidationError:
+        raise Reject(f"bad_request: invalid meeting_id {meeting_id!r}") from None
 
 
 def actor(ctx: Context) -> Actor:

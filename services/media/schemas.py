@@ -7,9 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.tasks import MeetingId
+
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 MediaId = Id
-MeetingId = Id
 VIDEO_TYPES = ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska")
 # An upload's body may be this much larger than its file (boundaries, part headers, the small fields):
 # the limit on the whole body, checked first, is MEETMESH_MEDIA_MAX_BYTES plus this.

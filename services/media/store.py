@@ -32,11 +32,10 @@ from pydantic import TypeAdapter, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from services.common import BadRequest, ServiceError
+from services.common import BadRequest, MeetingId, ServiceError
 from shared.bus import new_id
 
 from .schemas import UPLOAD_SLACK as MULTIPART_SLACK
-from .schemas import MeetingId
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
-from services.common import actor, payload, task
+from services.common import actor, meeting_of, payload, task
 from shared.bus import Context, Reject, Router
 
 from .ffmpeg import FfmpegFailed
@@ -20,7 +18,6 @@ from .library import Library
 from .live import Live
 from .schemas import (
     CoverTask,
-    MeetingId,
     RecordingStart,
     RecordingStop,
     StreamStart,
@@ -28,24 +25,6 @@ from .schemas import (
     TranscodeTask,
 )
 from .transcode import Transcoder
-
-
-class _Meeting(BaseModel):
-    meeting_id: MeetingId
-
-
-def meeting_of(ctx: Context, given: str | None) -> str:
-    """The meeting a task is for: the message's ``meeting_id``, or the payload's (they must agree)."""
-    own = ctx.message.meeting_id
-    if given is not None and own is not None and given != own:
-        raise Reject("bad_request: the payload's meeting_id differs from the task's meeting_id")
-    meeting_id = given or own
-    if meeting_id is None:
-        raise Reject(f"bad_request: {ctx.message.type} needs a meeting_id (the task's, or in its data)")
-    try:
-        return _Meeting(meeting_id=meeting_id).meeting_id
-    except ValueError:
-        raise Reject(f"bad_request: invalid meeting_id {meeting_id!r}") from None
 
 
 def handlers(library: Library, transcoder: Transcoder, live: Live) -> Router:

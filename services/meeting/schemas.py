@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MeetingId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 UserId = Annotated[str, Field(min_length=1, max_length=256)]
 CHAT_PAGE_MAX = 500
 

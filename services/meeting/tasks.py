@@ -11,29 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.common import actor, payload, task
-from shared.bus import Context, Reject, Router
+from services.common import actor, meeting_of, payload, task
+from shared.bus import Context, Router
 
 from .meetings import Meetings
-from .schemas import KickRequest, MeetingCreate, MeetingId, NoFields, Target
-
-
-class _Meeting(BaseModel):
-    meeting_id: MeetingId
-
-
-def meeting_of(ctx: Context) -> str:
-    """The meeting a task is for: the message's ``meeting_id``, or the payload's (they must agree)."""
-    given = ctx.payload.get("meeting_id") if isinstance(ctx.payload, dict) else None
-    meeting_id = ctx.message.meeting_id or given
-    if given is not None and ctx.message.meeting_id is not None and given != ctx.message.meeting_id:
-        raise Reject("bad_request: the payload's meeting_id differs from the task's meeting_id")
-    if meeting_id is None:
-        raise Reject(f"bad_request: {ctx.message.type} needs a meeting_id (the task's, or in its data)")
-    try:
-        return _Meeting(meeting_id=meeting_id).meeting_id
-    except ValueError:
-        raise Reject(f"bad_request: invalid meeting_id {meeting_id!r}") from None
+from .schemas import KickRequest, MeetingCreate, NoFields, Target
 
 
 def handlers(meetings: Meetings) -> Router:
