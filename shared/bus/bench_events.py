@@ -100,16 +100,16 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
             return await nats.publish(_body(type), f"{subject}{type}", stream=name)
 
         return send_nats, nats.stop
-    from faststream.rabbit import RabbitBroker
+    from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 
     from .events_amqp import AmqpEventBus
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)
     await rabbit.connect()
-    await rabbit.declare_exchange(twin.exchange)
+    exchange = RabbitExchange(twin.exchange, type=ExchangeType.TOPIC, durable=True)
+    await rabbit.declare_exchange(exchange)
     await rabbit.start()
-    exchange = twin.exchange
 
     async def send_amqp(type: str) -> object:
         return await rabbit.publish(_body(type), routing_key=type, exchange=exchange, persist=True,
@@ -157,18 +157,19 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
 
         await nats.start()
         return nats.stop
-    from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+    from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 
     from .events_amqp import PREFETCH, AmqpEventBus, amqp_pattern
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)
-    queue = RabbitQueue(twin.queue.name, durable=True, arguments=twin.queue.arguments,
+    queue = RabbitQueue(twin.queue, durable=True, arguments=twin.queue_arguments,  # type: ignore[call-overload]
                         routing_key=amqp_pattern(PATTERN))
+    exchange = RabbitExchange(twin.exchange, type=ExchangeType.TOPIC, durable=True)
 
-    # the same prefetch on a channel of its own as AmqpEventBus._declare_durable, but without its
+    # the same prefetch as AmqpEventBus's consumer, on a channel of its own, but without its
     # in-order handling and bulk acks: bare FastStream handles these concurrently, out of order
-    @rabbit.subscriber(queue, twin.exchange, channel=Channel(prefetch_count=PREFETCH),
+    @rabbit.subscriber(queue, exchange, channel=Channel(prefetch_count=PREFETCH),
                        ack_policy=AckPolicy.NACK_ON_ERROR)
     async def on_amqp(body: Any) -> None:
         see(body)

@@ -1,5 +1,6 @@
 """Service events: durable per-service delivery and ephemeral broadcast, on Redis, NATS JetStream
-or RabbitMQ, all three through FastStream's brokers.
+or RabbitMQ: Redis and NATS through FastStream's brokers, RabbitMQ on aiormq (``events_amqp.py``
+says why).
 
 Durable delivery (``subscribe``): each *service* gets every event once (its replicas share the
 work, as one consumer group), at least once, acknowledged only after its handlers ran. An event
@@ -186,7 +187,7 @@ class EventBus(abc.ABC):
     """
 
     scheme: ClassVar[str]
-    broker: Any  # the backend's FastStream broker
+    broker: Any  # the backend's FastStream broker (Redis, NATS); RabbitMQ has its own `ping`
 
     def __init__(
         self,

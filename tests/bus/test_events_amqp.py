@@ -1,0 +1,73 @@
+"""What only the RabbitMQ backend does by hand (it is on aiormq, not FastStream): reconnecting after
+its connection drops, and refusing a queue declared earlier with another retention."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from shared.bus import BusConnectionError, ConfigError
+from shared.bus.catalogue import Event
+from shared.bus.events import Retention
+from shared.bus.events_amqp import AmqpEventBus
+from tests.bus.test_events import MakeBus, created, make_bus, prefix, recorder, until
+
+__all__ = ["make_bus", "prefix"]  # the fixtures, shared with the contract suite
+
+
+@pytest.fixture
+def backend() -> str:
+    return "amqp"
+
+
+async def cut(bus: AmqpEventBus) -> None:
+    """Drop the bus's connection as a network failure would."""
+    connection = bus._connection
+    assert connection is not None
+    await connection.close(ConnectionError("cut by the test"))
+
+
+async def test_a_dropped_connection_is_restored_and_the_event_in_hand_comes_again(make_bus: MakeBus) -> None:
+    seen: list[Event[Any]] = []
+    release = asyncio.Event()
+
+    async def slow(event: Event[Any]) -> None:
+        seen.append(event)
+        if len(seen) == 1:
+            await release.wait()  # the connection drops while this is in hand
+
+    subscriber = make_bus("meeting")
+    assert isinstance(subscriber, AmqpEventBus)
+    subscriber.subscribe("meeting.*", slow)
+    publisher = make_bus("publisher")
+    assert isinstance(publisher, AmqpEventBus)
+    await subscriber.start()
+    await publisher.start()
+
+    first = await publisher.publish("meeting.created", created(1))
+    await until(lambda: len(seen) == 1, "the first event to be in hand")
+    await cut(subscriber)
+    await cut(publisher)
+    with pytest.raises(BusConnectionError, match="not connected"):
+        await publisher.publish("meeting.created", created(2))  # while it reconnects
+    await until(lambda: subscriber.reconnects == 1 and publisher.reconnects == 1, "both to reconnect")
+    release.set()
+
+    second = await publisher.publish("meeting.created", created(3))
+    await until(lambda: second.id in {e.id for e in seen}, "an event published after the reconnection")
+    assert [e.id for e in seen].count(first.id) == 2  # unacknowledged when cut: delivered again
+    assert await subscriber.ping() and await publisher.ping()
+
+
+async def test_a_queue_made_with_another_retention_is_a_clear_error(make_bus: MakeBus) -> None:
+    first = make_bus("meeting", retention=Retention(max_count=10))
+    first.subscribe("meeting.*", recorder([]))
+    await first.start()
+    await first.stop()
+
+    second = make_bus("meeting", retention=Retention(max_count=20))
+    second.subscribe("meeting.*", recorder([]))
+    with pytest.raises(ConfigError, match="exists with other arguments"):
+        await second.start()
