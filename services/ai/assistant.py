@@ -4,6 +4,10 @@ token to the task's watchers; read a meeting's chat and summarise it; announce w
 Edge errors become the worker's outcomes (`to_handler_signal`): every node full (-21) is
 `RateLimited`, so the worker's adaptive limiter shrinks; no node, a timeout or a broken stream is
 `Retry`; anything else is `Reject`.
+
+Its durable events (``ai.task_created``, ``ai.task_completed``) report no SQL change: each is staged
+in the service's outbox in a transaction of its own (``service.emit_event``), so a broker outage
+delays it, never loses it.
 """
 
 from __future__ import annotations
@@ -135,8 +139,8 @@ class Assistant:
             headers={ORIGIN_HEADER: MEETING_ENDED})
         if done.created:
             log.info("meeting %s ended: its summary is task %s", meeting_id, done.id)
-            await self.service.publish("ai.task_created", {"task_id": done.id, "kind": "summarize",
-                                                           "meeting_id": meeting_id})
+            await self.service.emit_event("ai.task_created", {"task_id": done.id, "kind": "summarize",
+                                                              "meeting_id": meeting_id})
         return done
 
     async def post_summary(self, ctx: Context, meeting_id: str, result: dict[str, Any]) -> None:
@@ -147,10 +151,10 @@ class Assistant:
     # -- outcomes ------------------------------------------------------------------------------
 
     async def completed(self, ctx: Context, result: Any = None, error: str | None = None) -> None:
-        """Publish ``ai.task_completed`` for a task that ended here (done, or rejected for good)."""
+        """Announce ``ai.task_completed`` for a task that ended here (done, or rejected for good)."""
         given = ctx.payload.get("meeting_id") if isinstance(ctx.payload, dict) else None
         meeting_id = ctx.message.meeting_id or (given if isinstance(given, str) else None)
-        await self.service.publish("ai.task_completed", {
+        await self.service.emit_event("ai.task_completed", {
             "task_id": ctx.message.id, "kind": kind_of(ctx.message.type), "ok": error is None,
             "meeting_id": meeting_id, "result": result, "error": error})
 

@@ -1,4 +1,5 @@
-"""A service's own HTTP app: its routers, the JSON error body, ``/health`` and ``/ready``."""
+"""A service's own HTTP app: its routers, the JSON error body, ``/health`` and ``/ready`` (which also
+shows the outbox: events waiting to be published, and the relay's counters)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from .service import Service
 
 CHECK_SECONDS = 1.0
+R = TypeVar("R")
 
 
 def service_app(service: Service, routers: Iterable[APIRouter]) -> FastAPI:
@@ -42,21 +44,32 @@ def service_app(service: Service, routers: Iterable[APIRouter]) -> FastAPI:
 
     @app.get("/ready", tags=["ops"], responses={503: {"description": "a backend is unreachable"}})
     async def ready() -> JSONResponse:
-        """Ready: the database, Redis and the event broker answer, and the worker runs."""
+        """Ready: the database, Redis and the event broker answer, and the worker and the outbox relay
+        run. ``outbox``: events committed but not yet published (``pending``, null if the store
+        does not answer), published by this replica, and its relay's last error."""
         checks = {
             "database": await _check(service.database.ping()),
             "redis": await _check(service.redis.ping()),
             "events": await _check(service.events.ping()),
             "worker": service.worker_running,
+            "outbox": service.relay.running,
         }
         ok = all(checks.values())
+        relay = service.relay
+        outbox = {"pending": await _value(service.outbox.pending(service.database)),
+                  "published": relay.published, "last_error": relay.last_error}
         return JSONResponse({"status": "ready" if ok else "unavailable", "service": service.name,
-                             "checks": checks}, status_code=200 if ok else 503)
+                             "checks": checks, "outbox": outbox}, status_code=200 if ok else 503)
 
     return app
 
 
 async def _check(probe: Awaitable[Any]) -> bool:
+    return bool(await _value(probe))
+
+
+async def _value(probe: Awaitable[R]) -> R | None:
+    """What ``probe`` answers within `CHECK_SECONDS`, or None if it fails or takes longer."""
     with contextlib.suppress(Exception):
-        return bool(await asyncio.wait_for(probe, CHECK_SECONDS))
-    return False
+        return await asyncio.wait_for(probe, CHECK_SECONDS)
+    return None

@@ -3,10 +3,14 @@ and serves its REST, built only on `shared.bus`'s public API.
 
 A service module (``services/<name>/service.py``) has ``build(settings) -> Service``; then both
 ``python -m services.<name>`` and ``meetmesh service <name>`` run it (`main`). Starting connects
-Redis, the SQL store (creating missing tables) and the event bus, runs the ``on_start`` hooks, then
-the worker and the HTTP server; SIGTERM or SIGINT stops it gracefully in the reverse order: the HTTP
-server stops taking requests, the worker finishes its running tasks (``MEETMESH_GRACE_SECONDS``),
-then the event bus, Redis and the database close.
+Redis, the SQL store (creating missing tables, its outbox's too) and the event bus, starts the outbox
+relay, runs the ``on_start`` hooks, then the worker and the HTTP server; SIGTERM or SIGINT stops it
+gracefully in the reverse order: the HTTP server stops taking requests, the worker finishes its
+running tasks (``MEETMESH_GRACE_SECONDS``), the relay publishes what it can, then the event bus,
+Redis and the database close.
+
+Durable events go through the service's transactional outbox (`outbox`): staged in the transaction
+of the change they report (``stage_event``), published by the relay once committed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from redis.asyncio import Redis
 from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.bus import (
     AdaptiveLimiter,
@@ -37,11 +42,13 @@ from shared.bus import (
     Router,
     Worker,
     connect,
+    make_event,
 )
 
 from .api import service_app
 from .db import Database
-from .errors import ServiceError
+from .errors import ServiceError, Unavailable
+from .outbox import Outbox, OutboxRelay
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,8 @@ class Service:
     ``metadata``: its tables, created at start. ``queue_options`` go to its `Queue`.
     Subscribe to events with ``@service.subscribe("user.*")``; run code once connected with
     ``@service.on_start``. After ``start()``: ``redis``, ``events``, ``database``, ``url``.
+    Publish durable events with ``stage_event`` (in a change's transaction) or ``emit_event``;
+    ``outbox`` is its outbox table, ``relay`` the task publishing it.
     """
 
     def __init__(self, name: str, settings: ServiceSettings | None = None, *,
@@ -84,6 +93,8 @@ class Service:
         self.port = self.settings.port_for(name) if port is None else port
         self.queue_options = dict(queue_options or {})
         self.limiter = limiter  # bounds the worker's concurrency (AIMD), e.g. in front of edge calls
+        self.outbox = Outbox(name)
+        self.relay = OutboxRelay(self.outbox)
         self.url: str | None = None
         self.worker: Worker | None = None
         self._app: FastAPI | None = None
@@ -150,21 +161,41 @@ class Service:
     def database(self) -> Database:
         return _started(self._database, self.name)
 
-    async def publish(self, type: str, data: Any) -> None:
-        """Publish a durable catalogue event, after the change it reports was committed.
+    async def stage_event(self, session: AsyncSession, type: str, data: Any, *,
+                          traceparent: str | None = None) -> Event[Any]:
+        """Stage durable catalogue event ``type`` in ``session``'s open transaction, before its commit:
+        the relay publishes it once that commits (at least once, under the id returned), and never if
+        it rolls back. Data that does not fit the catalogue raises `InvalidMessage` here, before
+        anything is committed: that is a bug to see."""
+        return await self.outbox.add(session, type, data, traceparent=traceparent)
 
-        An unreachable broker is logged, not raised: the change stands, and failing the request (or
-        retrying the task) would only make its caller repeat what is done. Data that does not fit
-        the catalogue raises `InvalidMessage`: that is a bug to see.
+    async def emit_event(self, type: str, data: Any, *, traceparent: str | None = None) -> Event[Any]:
+        """A durable event that reports no SQL change (a task done, a task queued in Redis): staged
+        in a short transaction of its own, so a broker outage does not lose it.
+
+        If the store is unreachable the event is published directly instead, and if the broker is
+        too, that is logged, not raised: failing the request (or retrying the task) would only make
+        its caller repeat what is done. `InvalidMessage` for data that does not fit the catalogue.
         """
+        staged = make_event(type, data, source=self.name, traceparent=traceparent)
         try:
-            await self.events.publish(type, data)
+            async with self.database.session() as session:
+                await self.outbox.add_event(session, staged)
+                await session.commit()
+            return staged
+        except Unavailable as exc:
+            log.warning("service %s: %s not staged (%s): publishing it directly", self.name, type, exc)
+        try:
+            await self.events.publish_event(staged)
         except BusConnectionError as exc:
-            log.error("service %s: could not publish %s: %s", self.name, type, exc)
+            log.error("service %s: %s is lost: the store and the broker are unreachable: %s",
+                      self.name, type, exc)
+        return staged
 
     async def broadcast(self, topic: str, event: str, data: Any) -> None:
         """Send a live update to ``topic``'s subscribers as ``{"event", "data"}`` (what the gateway
-        turns into a client ``event`` frame); best effort, like `publish`."""
+        turns into a client ``event`` frame). Best effort, not durable: an unreachable broker is
+        logged, not raised."""
         try:
             await self.events.broadcast(topic, {"event": event, "data": data})
         except BusConnectionError as exc:
@@ -186,11 +217,12 @@ class Service:
         try:
             self._redis = await connect(s.redis_url)
             self._database = Database(s.database, schema=s.database_schema)
-            await self._database.create_all(*self.metadata)
+            await self._database.create_all(*self.metadata, self.outbox.metadata)
             self._events = EventBus.from_url(s.events, service=self.name, prefix=s.key_prefix)
             for pattern, handler in self._subscriptions:
                 self._events.subscribe(pattern, handler)
             await self._events.start()
+            self.relay.start(self._database, self._events)
             for hook in self._on_start:
                 await hook()
             if self.router is not None:
@@ -247,6 +279,7 @@ class Service:
                 await hook()
             except Exception:
                 log.exception("service %s: a stop hook failed", self.name)
+        await self.relay.stop()
         if self._events is not None:
             await self._events.stop()
         if self._redis is not None:

@@ -4,6 +4,11 @@ task (transcodes: `transcode`; recordings and streams: `live`).
 An item is its owner's: others get 404, as for no item; admins and other services (role ``service``)
 may read any. An upload naming a meeting needs its uploader in that meeting now (the participant set
 the meeting service keeps in Redis), since the meeting's participants hear about its cover.
+
+Every durable event of the media service (``media.cover_ready`` here, the ``media.recording_*`` and
+``media.stream_*`` of `live` and `transcode`) is staged in the transaction of the change it reports
+(``service.stage_event``), so the outbox relay publishes it once that commits; the live update on
+the meeting's topic (`Library.live`) follows the commit, best effort.
 """
 
 from __future__ import annotations
@@ -62,12 +67,11 @@ class Library:
                                 **self.service.queue_options)
         return self._queue
 
-    async def announce(self, meeting_id: str | None, event: str, data: dict[str, Any],
-                       live: dict[str, Any] | None = None) -> None:
-        """The durable catalogue event, and (for a meeting's media) the live update on its topic."""
+    async def live(self, meeting_id: str | None, event: str, data: dict[str, Any]) -> None:
+        """The live update on a meeting's topic (none for media of no meeting), after the commit of
+        the change, whose durable event was staged in its transaction."""
         if meeting_id is not None:
-            await self.service.broadcast(topic(meeting_id), event, live if live is not None else data)
-        await self.service.publish(event, data)
+            await self.service.broadcast(topic(meeting_id), event, data)
 
     async def must_be_inside(self, actor: Actor, meeting_id: str, what: str) -> None:
         if not actor.is_admin and not await self.presence.contains(meeting_id, actor.user_id):
@@ -186,16 +190,20 @@ class Library:
             await self._set_cover(item.id, FAILED, None, exc.reason)
             raise
         cover_path = self.store.relative(target)
-        await self._set_cover(item.id, READY, cover_path, None)
         data = {"media_id": item.id, "cover_path": cover_path}
-        await self.announce(item.meeting_id, "media.cover_ready", data)
+        await self._set_cover(item.id, READY, cover_path, None, ready=data)
+        await self.live(item.meeting_id, "media.cover_ready", data)
         size = await asyncio.to_thread(lambda: target.stat().st_size)
         return {**data, "size": size}
 
-    async def _set_cover(self, media_id: str, status: str, path: str | None, error: str | None) -> None:
+    async def _set_cover(self, media_id: str, status: str, path: str | None, error: str | None, *,
+                         ready: dict[str, Any] | None = None) -> None:
+        """Record the cover's state; with ``ready``, stage ``media.cover_ready`` in that transaction."""
         async with self.service.database.session() as session:
             await session.execute(update(MediaItem).where(MediaItem.id == media_id)
                                   .values(cover_status=status, cover_path=path, cover_error=error))
+            if ready is not None:
+                await self.service.stage_event(session, "media.cover_ready", ready)
             await session.commit()
 
     @staticmethod

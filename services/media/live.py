@@ -13,6 +13,9 @@ participant leaves, their streams stop.
 | ``media.recording.stop`` | ``media.recording_ready`` | ``media.recording_ready`` |
 | ``media.stream.start`` | ``media.stream_started`` | ``media.stream_started`` (+ ``kind``) |
 | ``media.stream.stop`` | ``media.stream_stopped`` | ``media.stream_stopped`` (+ ``user_id``) |
+
+Each durable event is staged in the transaction of the change (the service's outbox publishes it
+once committed); the live update follows the commit.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common import Actor, Conflict, Database, Forbidden, NotFound
 from shared.bus import new_id
@@ -92,10 +96,11 @@ class Live:
             recording.status, recording.stopped_at = STOPPED, now
             recording.stopped_by = actor.user_id if actor is not None else ENDED_BY_MEETING
             recording.duration_s = round(max(0.0, now - recording.started_at), 3)
+            data = {"meeting_id": meeting_id, "recording_id": recording.id, "path": recording.path,
+                    "duration_s": recording.duration_s}
+            await self.library.service.stage_event(s, "media.recording_ready", data)
             await s.commit()
-        data = {"meeting_id": meeting_id, "recording_id": recording.id, "path": recording.path,
-                "duration_s": recording.duration_s}
-        await self.library.announce(meeting_id, "media.recording_ready", data)
+        await self.library.live(meeting_id, "media.recording_ready", data)
         return _recording(recording)
 
     # -- streams ----------------------------------------------------------------------------------
@@ -115,12 +120,13 @@ class Live:
             stream = Stream(id=stream_id or new_id(), meeting_id=meeting_id, user_id=actor.user_id, kind=kind,
                             status=LIVE, task_id=task_id, started_at=time.time())
             s.add(stream)
+            data = {"meeting_id": meeting_id, "stream_id": stream.id, "user_id": actor.user_id}
             try:
+                await self.library.service.stage_event(s, "media.stream_started", data)
                 await s.commit()
             except IntegrityError:
                 raise Conflict(f"stream id {stream.id} is taken") from None
-        data = {"meeting_id": meeting_id, "stream_id": stream.id, "user_id": actor.user_id}
-        await self.library.announce(meeting_id, "media.stream_started", data, {**data, "kind": kind})
+        await self.library.live(meeting_id, "media.stream_started", {**data, "kind": kind})
         return _stream(stream)
 
     async def stop_stream(self, actor: Actor, meeting_id: str | None, stream_id: str) -> StreamOut:
@@ -133,15 +139,22 @@ class Live:
             if stream.status != LIVE:
                 return _stream(stream)
             stream.status, stream.stopped_at, stream.stopped_by = STOPPED, time.time(), actor.user_id
+            await self._stage_stopped(s, [stream])
             await s.commit()
-        await self._stopped([stream])
+        await self._show_stopped([stream])
         return _stream(stream)
 
-    async def _stopped(self, streams: list[Stream]) -> None:
+    async def _stage_stopped(self, s: AsyncSession, streams: list[Stream]) -> None:
+        """``media.stream_stopped`` for each of ``streams``, in the transaction that stops them."""
         for stream in streams:
-            data = {"meeting_id": stream.meeting_id, "stream_id": stream.id}
-            await self.library.announce(stream.meeting_id, "media.stream_stopped", data,
-                                        {**data, "user_id": stream.user_id})
+            await self.library.service.stage_event(s, "media.stream_stopped", {
+                "meeting_id": stream.meeting_id, "stream_id": stream.id})
+
+    async def _show_stopped(self, streams: list[Stream]) -> None:
+        """The live updates of stopped streams, once committed."""
+        for stream in streams:
+            await self.library.live(stream.meeting_id, "media.stream_stopped", {
+                "meeting_id": stream.meeting_id, "stream_id": stream.id, "user_id": stream.user_id})
 
     # -- the meeting service's events -------------------------------------------------------------
 
@@ -168,8 +181,9 @@ class Live:
             now = time.time()
             for stream in streams:
                 stream.status, stream.stopped_at, stream.stopped_by = STOPPED, now, by
+            await self._stage_stopped(s, streams)
             await s.commit()
-        await self._stopped(streams)
+        await self._show_stopped(streams)
         return len(streams)
 
 

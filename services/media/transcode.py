@@ -9,8 +9,9 @@
    written): on to ``finish``. Failed: the task is rejected with ffmpeg's last stderr line. Gone
    without finishing (killed by a signal, the machine restarted): started again, up to
    `MAX_RESTARTS` times, then rejected.
-3. ``finish``: move the output into place, record its size and duration, publish
-   ``media.recording_ready`` (for an upload in a meeting), and complete with the rendition.
+3. ``finish``: move the output into place, record its size and duration, stage
+   ``media.recording_ready`` (for an upload in a meeting) in that same transaction (the outbox
+   publishes it once committed), and complete with the rendition.
 
 Each stage ends with ``ctx.then(...)``: the next stage is queued in the same script that completes this
 one, so a crash neither loses nor doubles it. Every stage finds the job from SQL, so any worker (a
@@ -157,16 +158,17 @@ class Transcoder:
                 assert row is not None
                 row.status, row.size, row.duration_s = DONE, size, probe.duration_s
                 row.finished_at, row.pid, row.pid_start = time.time(), None, None
+                if item.meeting_id is not None:  # announced with the job done, once
+                    await self.library.service.stage_event(
+                        session, "media.recording_ready", self._ready(item, row, body))
                 await session.commit()
                 job = row
             for leftover in (self._progress_file(job), self._log_file(job)):
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(leftover.unlink, True)
         if item.meeting_id is not None:
-            data = {"meeting_id": item.meeting_id, "recording_id": body.recording_id or item.id,
-                    "path": job.output_path, "duration_s": job.duration_s}
-            await self.library.announce(item.meeting_id, "media.recording_ready", data,
-                                        {**data, "media_id": item.id, "job_id": job.id, "format": job.format})
+            await self.library.live(item.meeting_id, "media.recording_ready", {
+                **self._ready(item, job, body), "media_id": item.id, "job_id": job.id, "format": job.format})
         await ctx.progress(1.0, f"transcode {job.id} done: {job.output_path}\n")
         return {"media_id": item.id, "transcode": job_out(job).model_dump(mode="json")}
 
@@ -209,6 +211,12 @@ class Transcoder:
         if job.owner_id != actor.user_id:
             raise Reject(f"not_found: task {ctx.message.id} has no transcode job of yours")
         return job
+
+    @staticmethod
+    def _ready(item: MediaItem, job: TranscodeJob, body: TranscodeTask) -> dict[str, Any]:
+        """``media.recording_ready`` of a finished rendition of an upload in a meeting."""
+        return {"meeting_id": item.meeting_id, "recording_id": body.recording_id or item.id,
+                "path": job.output_path, "duration_s": job.duration_s}
 
     async def _item(self, job: TranscodeJob) -> MediaItem:
         async with self.library.service.database.session() as session:

@@ -2,9 +2,11 @@
 REST and its ``meeting.*`` tasks.
 
 Every change runs in one transaction holding the meeting's row lock (``SELECT ... FOR UPDATE`` on
-PostgreSQL; SQLite serialises writers anyway), then, once committed: the participant set in Redis
-(`presence`), the live update on ``meeting.<id>`` (``{"event", "data"}``), the durable catalogue
-event. A request that changes nothing (joining twice, muting the muted) announces nothing.
+PostgreSQL; SQLite serialises writers anyway), which also stages its durable catalogue event in the
+service's outbox (published by the relay once committed: a crash cannot lose it, and one meeting's
+events go out in the order of its changes); then, once committed: the participant set in Redis
+(`presence`) and the live update on ``meeting.<id>`` (``{"event", "data"}``, best effort). A request
+that changes nothing (joining twice, muting the muted) announces nothing.
 
 Who may do what: anyone signed in creates a meeting (becoming its host and first participant) and
 joins an active one by id, unless the host removed them. Participants leave, mute and unmute
@@ -60,13 +62,14 @@ class Meetings:
             s.add(meeting)
             await s.flush()  # the meeting's row first: the participant refers to it
             s.add(Participant(meeting_id=meeting.id, user_id=actor.user_id, joined_at=now))
+            await self.service.stage_event(s, "meeting.created", {"meeting_id": meeting.id,
+                                                                  "host_id": actor.user_id, "title": title})
+            joined = {"meeting_id": meeting.id, "user_id": actor.user_id}
+            await self.service.stage_event(s, "meeting.user_joined", joined)
             await s.commit()
             out = await self._out(s, meeting)
         await self.presence.add(meeting.id, actor.user_id)
-        await self.service.publish("meeting.created", {"meeting_id": meeting.id, "host_id": actor.user_id,
-                                                       "title": title})
-        await self._announce(meeting.id, "meeting.user_joined", {"meeting_id": meeting.id,
-                                                                 "user_id": actor.user_id})
+        await self._live(meeting.id, "meeting.user_joined", joined)
         return out
 
     async def get(self, actor: Actor, meeting_id: str) -> MeetingOut:
@@ -99,12 +102,14 @@ class Meetings:
                 p.left_at, p.joined_at, p.muted = None, time.time(), False
             else:
                 changed = False
+            joined = {"meeting_id": meeting_id, "user_id": actor.user_id}
+            if changed:
+                await self.service.stage_event(s, "meeting.user_joined", joined)
             await s.commit()
             out = await self._out(s, meeting)
         if changed:
             await self.presence.add(meeting_id, actor.user_id)
-            await self._announce(meeting_id, "meeting.user_joined", {"meeting_id": meeting_id,
-                                                                     "user_id": actor.user_id})
+            await self._live(meeting_id, "meeting.user_joined", joined)
         return out
 
     async def leave(self, actor: Actor, meeting_id: str) -> MeetingOut:
@@ -112,11 +117,12 @@ class Meetings:
             meeting = await self._active(s, meeting_id)
             p = await self._inside(s, meeting_id, actor.user_id, "you are not in this meeting")
             p.left_at = time.time()
+            left = {"meeting_id": meeting_id, "user_id": actor.user_id, "kicked": False}
+            await self.service.stage_event(s, "meeting.user_left", left)
             await s.commit()
             out = await self._out(s, meeting)
         await self.presence.remove(meeting_id, actor.user_id)
-        await self._announce(meeting_id, "meeting.user_left", {"meeting_id": meeting_id,
-                                                               "user_id": actor.user_id, "kicked": False})
+        await self._live(meeting_id, "meeting.user_left", left)
         return out
 
     async def end(self, actor: Actor, meeting_id: str) -> MeetingOut:
@@ -127,11 +133,12 @@ class Meetings:
             meeting.status, meeting.ended_at, meeting.ended_by = ENDED, now, actor.user_id
             for p in await s.scalars(self._present(meeting_id)):
                 p.left_at = now
+            ended = {"meeting_id": meeting_id, "ended_by": actor.user_id}
+            await self.service.stage_event(s, "meeting.ended", ended)
             await s.commit()
             out = await self._out(s, meeting)
         await self.presence.clear(meeting_id)
-        await self._announce(meeting_id, "meeting.ended", {"meeting_id": meeting_id,
-                                                           "ended_by": actor.user_id})
+        await self._live(meeting_id, "meeting.ended", ended)
         return out
 
     async def mute(self, actor: Actor, meeting_id: str, user_id: str | None, muted: bool) -> MeetingOut:
@@ -146,11 +153,13 @@ class Meetings:
                 p = await self._inside(s, meeting_id, target, "you are not in this meeting")
             changed = p.muted != muted
             p.muted = muted
+            change = {"meeting_id": meeting_id, "user_id": target, "muted": muted, "by": actor.user_id}
+            if changed:
+                await self.service.stage_event(s, "meeting.muted", change)
             await s.commit()
             out = await self._out(s, meeting)
         if changed:
-            await self._announce(meeting_id, "meeting.muted", {"meeting_id": meeting_id, "user_id": target,
-                                                               "muted": muted, "by": actor.user_id})
+            await self._live(meeting_id, "meeting.muted", change)
         return out
 
     async def kick(self, actor: Actor, meeting_id: str, user_id: str) -> MeetingOut:
@@ -161,11 +170,12 @@ class Meetings:
                 raise BadRequest("the host cannot be removed; end the meeting instead")
             p = await self._inside(s, meeting_id, user_id, f"user {user_id!r} is not in this meeting")
             p.left_at, p.kicked = time.time(), True
+            left = {"meeting_id": meeting_id, "user_id": user_id, "kicked": True}
+            await self.service.stage_event(s, "meeting.user_left", left)
             await s.commit()
             out = await self._out(s, meeting)
         await self.presence.remove(meeting_id, user_id)
-        await self._announce(meeting_id, "meeting.user_left", {"meeting_id": meeting_id, "user_id": user_id,
-                                                               "kicked": True})
+        await self._live(meeting_id, "meeting.user_left", left)
         return out
 
     # -- chat -------------------------------------------------------------------------------------
@@ -184,7 +194,7 @@ class Meetings:
                                  username=await s.scalar(select(KnownUser.username).where(
                                      KnownUser.user_id == actor.user_id)),
                                  text=text, created_at=message.created_at)
-        await self.service.broadcast(topic(meeting_id), "meeting.chat", out.model_dump(mode="json"))
+        await self._live(meeting_id, "meeting.chat", out.model_dump(mode="json"))
         return out
 
     async def chat(self, actor: Actor, meeting_id: str, *, after: int | None = None,
@@ -244,9 +254,9 @@ class Meetings:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    async def _announce(self, meeting_id: str, event: str, data: dict[str, Any]) -> None:
+    async def _live(self, meeting_id: str, event: str, data: dict[str, Any]) -> None:
+        """The live update on ``meeting.<id>``, once the change (and its staged event) committed."""
         await self.service.broadcast(topic(meeting_id), event, data)
-        await self.service.publish(event, data)
 
     async def _meeting(self, s: AsyncSession, meeting_id: str, *, lock: bool = False) -> Meeting:
         query = select(Meeting).where(Meeting.id == meeting_id)

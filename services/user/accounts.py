@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common import Actor, Conflict, Forbidden, NotFound, Service, Unauthorized
 from services.common.errors import BadRequest
+from shared.bus import new_id
 
 from .models import User
 from .schemas import LoginRequest, ProfileUpdate, RegisterRequest, Role, TokenOut, UserOut
@@ -56,15 +57,16 @@ class Accounts:
                 raise Conflict(f"the username {req.username!r} is taken")
         password_hash = await asyncio.to_thread(self.hasher.hash, req.password)
         roles = ["user", "admin"] if key in self.service.settings.admins else ["user"]
-        user = User(username=req.username, username_key=key, email=req.email,
+        user = User(id=new_id(), username=req.username, username_key=key, email=req.email,
                     display_name=req.display_name, password_hash=password_hash, roles=roles)
         async with self.service.database.session() as s:
             s.add(user)
-            try:
+            try:  # the account and its user.registered event commit together
+                await self.service.stage_event(s, "user.registered", {"user_id": user.id,
+                                                                      "username": user.username})
                 await s.commit()
             except IntegrityError:  # registered meanwhile by someone else
                 raise Conflict(f"the username {req.username!r} is taken") from None
-        await self.service.publish("user.registered", {"user_id": user.id, "username": user.username})
         return self._token(user)
 
     async def login(self, req: LoginRequest) -> TokenOut:

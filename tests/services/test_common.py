@@ -157,9 +157,9 @@ async def test_a_service_with_no_routes_or_tasks_still_answers_health_and_handle
         seen.append(event.data.meeting_id)
 
     async with service.running(), httpx.AsyncClient(base_url=str(service.url)) as http:
-        await service.publish("meeting.ended", {"meeting_id": "m1"})
+        await service.emit_event("meeting.ended", {"meeting_id": "m1"})  # through its outbox
         with pytest.raises(InvalidMessage, match="meeting_id"):  # not what the catalogue says
-            await service.publish("meeting.ended", {"not": "valid"})
+            await service.emit_event("meeting.ended", {"not": "valid"})
         await until(lambda: seen == ["m1"], "the event")
         assert (await http.get("/health")).json()["service"] == "media"
         ready = await http.get("/ready")
