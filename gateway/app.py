@@ -46,6 +46,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             idle_timeout=float("inf"),
         )
         live = Live(events, hub)
+        if dispatcher.relay is not None:  # while this gateway relays, its own sessions skip the broker
+            dispatcher.relay.local = live.update
         app.state.redis, app.state.events, app.state.dispatcher = redis, events, dispatcher
         app.state.hub, app.state.live = hub, live
         app.state.limiter = RateLimiter(settings.submit_rate, settings.submit_burst)

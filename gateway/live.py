@@ -72,15 +72,21 @@ class Live:
             except Exception:  # one bad message must not stop live updates for everyone
                 log.exception("could not route broadcast %s", message.topic)
 
+    def update(self, update: TaskUpdate) -> None:
+        """One task update, to the sessions watching it and its SSE streams; a repeat is dropped.
+        Also called directly by this gateway's relay while it holds the relay lease."""
+        if not self._fresh.fresh(update):
+            return
+        self.relayed += 1
+        self.hub.deliver_task(update.task_id, task_frame(update))
+        for queue in self._sse.get(update.task_id, ()):
+            queue.put_nowait(update)
+
     def _route(self, topic: str, data: Any) -> None:
         if topic.startswith(TASK_TOPIC):
-            update = TaskUpdate.model_validate(data)
-            if not self._fresh.fresh(update):
-                return
-            self.relayed += 1
-            self.hub.deliver_task(update.task_id, task_frame(update))
-            for queue in self._sse.get(update.task_id, ()):
-                queue.put_nowait(update)
+            if isinstance(data, dict) and self._fresh.seen(data.get("task_id"), data.get("seq")):
+                return  # our relay handed it over already
+            self.update(TaskUpdate.model_validate(data))
             return
         frame: dict[str, Any] = {"type": "event", "topic": topic}
         if isinstance(data, dict) and "event" in data:

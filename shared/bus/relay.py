@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -91,6 +91,19 @@ class SeqFilter:
         self.size = size
         self._last: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
+    def seen(self, task_id: Any, seq: Any) -> bool:
+        """Whether an update of ``task_id`` at ``seq`` (raw, as received) is a repeat; records nothing.
+        For dropping a repeat before the work of validating it."""
+        if not isinstance(task_id, str) or not isinstance(seq, str):
+            return False
+        last = self._last.get(task_id)
+        if last is None:
+            return False
+        try:
+            return stream_id(seq) <= last
+        except ValueError:
+            return False
+
     def fresh(self, update: TaskUpdate) -> bool:
         if update.seq is None:
             return True
@@ -112,7 +125,13 @@ class SeqFilter:
 class Relay:
     """Broadcasts the status changes of ``queues`` while this instance (``instance``, unique per
     process) holds the relay lease. `run()` until `stop()`; ``ready`` is set once the consumer group
-    exists, so changes from then on are relayed (by whichever instance holds the lease)."""
+    exists, so changes from then on are relayed (by whichever instance holds the lease).
+
+    ``local``, if set, is called with each update as it is relayed, before it is broadcast: a
+    gateway holding the lease hands its own sessions their updates at once, without the round trip
+    through the broker, and drops the broadcast copy when it comes back (by ``seq``). It must not
+    block; what it raises is logged and relaying goes on.
+    """
 
     def __init__(self, redis: Redis, events: EventBus, queues: Iterable[Queue], *, instance: str,
                  prefix: str = DEFAULT_PREFIX, lease_seconds: float = LEASE_SECONDS,
@@ -135,6 +154,7 @@ class Relay:
         self._until = 0.0  # monotonic time the lease ends by this instance's clock; 0 if not held
         self._grouped = False
         self._stopping = asyncio.Event()
+        self.local: Callable[[TaskUpdate], None] | None = None
 
     @property
     def leading(self) -> bool:
@@ -310,6 +330,8 @@ class Relay:
                 try:
                     for update, changed in self._updates(stream, entry_id, fields or {}, looked):
                         topic = check_topic(f"task.{update.task_id}")  # here: a bad one skips its entry only
+                        if self.local is not None:
+                            self._hand_local(update)
                         sends.append(self.events.broadcast(topic, update.model_dump(mode="json")))
                         if update.status.terminal:
                             finished.append(update.task_id)
@@ -346,6 +368,13 @@ class Relay:
                     pipe.xack(stream, RELAY_GROUP, *ids)
                 if len(pipe):
                     await pipe.execute()
+
+    def _hand_local(self, update: TaskUpdate) -> None:
+        assert self.local is not None
+        try:
+            self.local(update)
+        except Exception:  # the broadcast copy still reaches every gateway, this one too
+            log.exception("task relay: local delivery of an update of %s failed", update.task_id)
 
     async def _look_up(self, entries: list[Entry]) -> dict[str, Any]:
         """One round trip for what the entries do not say: type, owner and meeting of tasks not seen

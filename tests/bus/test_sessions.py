@@ -21,6 +21,7 @@ from shared.bus.sessions import (
     CLOSE_IDLE,
     CLOSE_SLOW_CLIENT,
     CLOSE_SUPERSEDED,
+    REAP_SLICE,
     RateLimiter,
     ResumeGap,
     Session,
@@ -480,6 +481,37 @@ def test_reap_also_ages_out_frames_of_quiet_sessions(make_hub: Any, clock: FakeC
     clock.advance(31)
     hub.reap()
     assert len(session._replay) == 0 and session._replay_bytes == 0
+
+
+def test_reap_looks_at_a_slice_of_sessions_per_call_and_detached_ones_when_due(
+        make_hub: Any, clock: FakeClock) -> None:
+    hub = make_hub(replay_window=30.0, idle_timeout=60.0)
+    sessions = [welcomed(hub) for _ in range(2 * REAP_SLICE + 10)]
+    gone = sessions[5]
+    hub.detach(gone)
+    clock.advance(61)
+    for s in sessions[1:]:
+        s.touch()
+    silent = sessions[0]
+    reaped = [hub.reap() for _ in range(3)]  # one pass over every session: three slices
+    assert gone in reaped[0]  # detached past the window: at once, whatever the slice
+    assert sum(r.count(silent) for r in reaped) == 1
+    assert silent.state is SessionState.CLOSED
+    assert all(s.state is SessionState.ATTACHED for s in sessions if s not in (gone, silent))
+    assert hub.stats["reaped"] == 2 and len(hub) == len(sessions) - 2
+
+
+def test_detached_count_follows_detach_resume_and_close(make_hub: Any) -> None:
+    hub = make_hub()
+    a, b = welcomed(hub), welcomed(hub)
+    hub.detach(a)
+    hub.detach(b)
+    assert (hub.stats["attached"], hub.stats["detached"]) == (0, 2)
+    hub.resume(a.id, "ann")
+    assert (hub.stats["attached"], hub.stats["detached"]) == (1, 1)
+    b.close()
+    hub.detach(a)
+    assert (hub.stats["sessions"], hub.stats["attached"], hub.stats["detached"]) == (1, 0, 1)
 
 
 def test_close_all_for_shutdown(make_hub: Any) -> None:
