@@ -462,6 +462,30 @@ async def test_relay_pushes_a_tasks_life_to_listeners(make_dispatcher: MakeDispa
         assert final(s.task_id).status is TaskStatus.COMPLETED
 
 
+async def test_the_relay_hands_updates_to_its_local_hook_before_broadcasting_them(
+        make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker) -> None:
+    bus = await make_bus()
+    listener = bus.listen("task.>")
+    d = make_dispatcher(events=bus)
+    assert d.relay is not None
+    local: list[TaskUpdate] = []
+    broadcast_when_local: list[int] = []
+
+    def hook(update: TaskUpdate) -> None:
+        local.append(update)
+        broadcast_when_local.append(bus.stats.broadcast_sent)
+        if len(local) == 2:
+            raise RuntimeError("a failing hook stops nothing")
+
+    d.relay.local = hook
+    async with running(d), run_worker(d.queues["ai"], handlers([])):
+        chat = await d.submit(owner="alice", type="ai.chat", data={"q": "hi"})
+        broadcast = await collect(listener, {chat.task_id})
+    assert [(u.seq, u.status, u.delta) for u in local] == [(u.seq, u.status, u.delta) for u in broadcast]
+    assert len(local) == 5
+    assert all(sent <= i for i, sent in enumerate(broadcast_when_local))  # each before its broadcast
+
+
 async def test_two_relays_broadcast_each_change_once(make_dispatcher: MakeDispatcher, make_bus: Any,
                                                      run_worker: RunWorker, redis: Any) -> None:
     """Two gateways: a task submitted through one reaches a client on either, through one broadcast."""
@@ -659,6 +683,12 @@ def test_seq_filter_drops_repeats_and_compares_ids_as_numbers() -> None:
     for bad in ("", "-1", "1-", "1-x", "x-1", "1-2-3", "1.5-0"):
         with pytest.raises(ValueError):
             stream_id(bad)
+
+    assert seen.fresh(update("t4", "1700000000001-0"))
+    assert seen.seen("t4", "1700000000000-10") and seen.seen("t4", "1700000000001-0")  # at or before
+    assert not seen.seen("t4", "1700000000001-1") and not seen.seen("t9", "1-1")  # later; unknown
+    assert not seen.seen("t4", None) and not seen.seen(None, "1-1") and not seen.seen("t4", "x")
+    assert seen.fresh(update("t4", "1700000000001-1"))  # `seen` recorded nothing
 
     small = SeqFilter(size=2)  # remembers the two tasks seen last
     assert small.fresh(update("a", "1-1")) and small.fresh(update("b", "1-1"))
