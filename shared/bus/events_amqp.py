@@ -15,7 +15,7 @@
   whole topology and the consumers; publishing meanwhile raises `BusConnectionError` at once.
 
 Why not FastStream's `RabbitBroker`, as on Redis and NATS: measured on this machine
-(``meetmesh bench events --backend amqp`` and ``bench/raw_amqp_latency.py``), three subscribing
+(``meetmesh bench events --backend amqp`` and ``bench/raw_aiormq_latency.py``), three subscribing
 services at 1,000 events/s had a p99 of 436 ms through FastStream, 11-100 ms through bare aio-pika,
 and 2.6 ms through aiormq with the handling below. On two cores the broker and four Python
 processes share the CPU, and every microsecond per message shows up in the tail: FastStream and
