@@ -101,6 +101,7 @@ class EventStats:
     broadcast_sent: int = 0
     broadcast_received: int = 0
     broadcast_dropped: int = 0  # a listener's buffer was full
+    broadcast_skipped: int = 0  # our own, sent with skip_self
 
 
 class DeadEvent(BaseModel):
@@ -116,8 +117,14 @@ class DeadEvent(BaseModel):
 
 
 class BroadcastMessage(BaseModel):
-    """One ephemeral message: a topic (``meeting.m1``, ``task.<id>``), its data, when and who sent it."""
+    """One ephemeral message: a topic (``meeting.m1``, ``task.<id>``), its data, when and who sent it.
 
+    ``origin`` (first, so a receiver can check it before decoding the rest) is the sending process's
+    consumer name when that process has already handed the message to its own listeners itself
+    (``broadcast(..., skip_self=True)``): it drops its own copy unread.
+    """
+
+    origin: str | None = None
     topic: str
     data: Any = None
     source: str = ""
@@ -215,6 +222,9 @@ class EventBus(abc.ABC):
         self.max_attempts = max_attempts
         self.retry_backoff = retry_backoff
         self.consumer = consumer or f"{service}-{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        # How our own ``skip_self`` broadcasts begin, as pydantic writes them (see BroadcastMessage)
+        mine = BroadcastMessage(origin=self.consumer, topic="-").model_dump_json().encode()
+        self._own_prefix = mine[:mine.index(b',"topic":') + 1]
         self.stats = EventStats()
         self._subscriptions: list[_Subscription] = []
         self._listeners: list[Listener] = []
@@ -278,12 +288,16 @@ class EventBus(abc.ABC):
         await self._publish(event.type, event.model_dump_json().encode())
         self.stats.published += 1
 
-    async def broadcast(self, topic: str, data: Any = None) -> None:
-        """Send ``data`` to every live process listening on a pattern that takes ``topic``; no retention."""
+    async def broadcast(self, topic: str, data: Any = None, *, skip_self: bool = False) -> None:
+        """Send ``data`` to every live process listening on a pattern that takes ``topic``; no retention.
+
+        ``skip_self``: not to this process's listeners (the caller handed it to them already).
+        """
         self._check_started()
         check_topic(topic)
         try:
-            body = BroadcastMessage(topic=topic, data=data, source=self.service, time=time.time())
+            body = BroadcastMessage(origin=self.consumer if skip_self else None, topic=topic, data=data,
+                                    source=self.service, time=time.time())
             raw = body.model_dump_json().encode()
         except (ValidationError, ValueError, TypeError) as exc:
             raise InvalidMessage(f"broadcast data for {topic!r} is not JSON-serialisable: {exc}") from exc
@@ -418,6 +432,9 @@ class EventBus(abc.ABC):
 
     def _fan_out(self, body: bytes) -> None:
         """One broadcast received: hand it to every matching listener, without waiting."""
+        if body.startswith(self._own_prefix):
+            self.stats.broadcast_skipped += 1
+            return
         try:
             message = BroadcastMessage.model_validate_json(body)
         except ValidationError as exc:

@@ -21,7 +21,8 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -120,6 +121,21 @@ class SeqFilter:
         if len(self._last) > self.size:
             self._last.popitem(last=False)
         return True
+
+
+@dataclass
+class _Batch:
+    """What one read of the status streams comes to: updates to broadcast (topic, data), status
+    events, tasks that finished, and the entries to acknowledge once broadcast."""
+
+    broadcasts: list[tuple[str, Any]] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    acked: dict[str, list[str]] = field(default_factory=dict)
+
+    def drop(self) -> None:
+        """Not broadcast: acknowledge nothing, so every entry is read again."""
+        self.acked.clear()
 
 
 class Relay:
@@ -250,11 +266,19 @@ class Relay:
     # -- relaying ---------------------------------------------------------------------------------
 
     async def _lead(self) -> None:
-        """Relay while the lease is held: pending entries of ``leader`` first, then new ones."""
+        """Relay while the lease is held: pending entries of ``leader`` first, then new ones.
+
+        Once past the backlog, reading the next batch overlaps broadcasting and acknowledging the
+        last one (`_Batch`): an update waits for one read round trip, not three. Broadcasts keep
+        stream order all the same: a batch is broadcast only once the one before it was, and a
+        failure drops the batch read meanwhile (unacknowledged: read again from the backlog).
+        """
         heartbeat = asyncio.create_task(self._keep_lease(), name="relay-lease")
         failures, backlog = 0, True
+        sending: asyncio.Future[None] | None = None  # the last batch, being broadcast and acknowledged
         try:
             while self.leading and not self._stopping.is_set():
+                batch: _Batch | None = None
                 try:
                     if not self._grouped:
                         await self._create_groups()
@@ -264,9 +288,20 @@ class Relay:
                     if backlog and not entries:
                         backlog = False
                         continue
-                    await self._relay(entries)
+                    batch = await self._prepare(entries)
+                    if sending is not None:
+                        await sending  # raises if the last batch failed
+                        sending = None
+                    if backlog:  # reading "0" again must not find this batch still unacknowledged
+                        await self._complete(batch)
+                    else:
+                        sending = asyncio.ensure_future(self._complete(batch))
+                    batch = None
                     failures = 0
                 except Exception as exc:
+                    sending = None
+                    if batch is not None:
+                        batch.drop()
                     failures += 1
                     backlog = True
                     if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
@@ -274,6 +309,9 @@ class Relay:
                     log.warning("task relay failed (%d in a row): %r", failures, exc)
                     await self._pause(_backoff(failures))
         finally:
+            if sending is not None:  # the batch being relayed is completed and acknowledged
+                with contextlib.suppress(Exception):
+                    await sending
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
@@ -311,60 +349,59 @@ class Relay:
         return [(stream, entry_id, fields) for stream, entries in answer or []
                 for entry_id, fields in entries]
 
-    async def _relay(self, entries: list[Entry]) -> None:
-        """Broadcast one update per task of each entry, in order, then acknowledge the entries.
+    async def _prepare(self, entries: list[Entry]) -> _Batch:
+        """The updates of ``entries``, in order, handed to ``local`` at once; broadcast by `_complete`.
 
-        A malformed entry is logged and skipped; an unreachable backend stops the batch (what was
-        broadcast is acknowledged, the rest is read again from the backlog); so does losing the
-        lease (the rest is left to the next holder).
+        A malformed entry is logged and skipped (and acknowledged); losing the lease stops the batch
+        there (the rest is left to the next holder).
         """
         looked = await self._look_up(entries)
-        acked: dict[str, list[str]] = {}
-        finished: list[str] = []
-        changes: list[dict[str, Any]] = []
-        sends: list[Coroutine[Any, Any, None]] = []
-        try:
-            for stream, entry_id, fields in entries:
-                if not self.leading:
-                    break
-                try:
-                    for update, changed in self._updates(stream, entry_id, fields or {}, looked):
-                        topic = check_topic(f"task.{update.task_id}")  # here: a bad one skips its entry only
-                        if self.local is not None:
-                            self._hand_local(update)
-                        sends.append(self.events.broadcast(topic, update.model_dump(mode="json")))
-                        if update.status.terminal:
-                            finished.append(update.task_id)
-                        if changed and self.publish_status_events:
-                            changes.append(update.model_dump(include=_CHANGE_FIELDS, mode="json"))
-                except BusError as exc:
-                    if not isinstance(exc, InvalidMessage):
-                        raise  # e.g. the event bus is stopped: not this entry's fault
-                    log.error("task relay: skipped status entry %s of %s: %s", entry_id, stream, exc)
-                except Exception:
-                    log.exception("task relay: skipped status entry %s of %s", entry_id, stream)
-                acked.setdefault(stream, []).append(entry_id)
-            # All at once: the event bus pipelines them, in this order, in one round trip.
+        batch = _Batch()
+        for stream, entry_id, fields in entries:
+            if not self.leading:
+                break
             try:
-                await asyncio.gather(*sends)
-            except BaseException:
-                acked.clear()  # read again from the backlog; gateways drop the repeats (SeqFilter)
-                raise
-            if changes:
-                try:
-                    await asyncio.gather(*(self.events.publish("task.status", c) for c in changes))
-                except BaseException:
-                    acked.clear()  # the whole batch again (broadcasts too): no status event is lost
-                    raise
+                for update, changed in self._updates(stream, entry_id, fields or {}, looked):
+                    topic = check_topic(f"task.{update.task_id}")  # here: a bad one skips its entry only
+                    if self.local is not None:
+                        self._hand_local(update)
+                    batch.broadcasts.append((topic, update.model_dump(mode="json")))
+                    if update.status.terminal:
+                        batch.finished.append(update.task_id)
+                    if changed and self.publish_status_events:
+                        batch.changes.append(update.model_dump(include=_CHANGE_FIELDS, mode="json"))
+            except BusError as exc:
+                if not isinstance(exc, InvalidMessage):
+                    raise  # e.g. the event bus is stopped: not this entry's fault
+                log.error("task relay: skipped status entry %s of %s: %s", entry_id, stream, exc)
+            except Exception:
+                log.exception("task relay: skipped status entry %s of %s", entry_id, stream)
+            batch.acked.setdefault(stream, []).append(entry_id)
+        return batch
+
+    async def _complete(self, batch: _Batch) -> None:
+        """Broadcast a batch's updates (and publish its status events), then acknowledge its entries.
+
+        An unreachable backend stops the batch, unacknowledged: it is read again from the backlog,
+        and gateways drop the repeats (`SeqFilter`); no status event is lost either.
+        """
+        try:
+            # All at once: the event bus pipelines them, in this order, in one round trip.
+            skip_self = self.local is not None  # this process's listeners had them from `local`
+            await asyncio.gather(*(self.events.broadcast(t, d, skip_self=skip_self)
+                                   for t, d in batch.broadcasts))
+            if batch.changes:
+                await asyncio.gather(*(self.events.publish("task.status", c) for c in batch.changes))
+        except BaseException:
+            batch.drop()
+            raise
         finally:
-            for pending in sends:
-                pending.close()  # not awaited when the batch stopped before sending: release them
-            for task_id in finished:
+            for task_id in batch.finished:
                 self._tasks.pop(task_id, None)
             async with self.redis.pipeline(transaction=False) as pipe:
-                if finished:
-                    pipe.zrem(self.keys.deadlines, *finished)
-                for stream, ids in acked.items():
+                if batch.finished:
+                    pipe.zrem(self.keys.deadlines, *batch.finished)
+                for stream, ids in batch.acked.items():
                     pipe.xack(stream, RELAY_GROUP, *ids)
                 if len(pipe):
                     await pipe.execute()

@@ -464,8 +464,8 @@ async def test_relay_pushes_a_tasks_life_to_listeners(make_dispatcher: MakeDispa
 
 async def test_the_relay_hands_updates_to_its_local_hook_before_broadcasting_them(
         make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker) -> None:
-    bus = await make_bus()
-    listener = bus.listen("task.>")
+    bus, elsewhere = await make_bus(), await make_bus()
+    own, listener = bus.listen("task.>"), elsewhere.listen("task.>")
     d = make_dispatcher(events=bus)
     assert d.relay is not None
     local: list[TaskUpdate] = []
@@ -480,10 +480,13 @@ async def test_the_relay_hands_updates_to_its_local_hook_before_broadcasting_the
     d.relay.local = hook
     async with running(d), run_worker(d.queues["ai"], handlers([])):
         chat = await d.submit(owner="alice", type="ai.chat", data={"q": "hi"})
-        broadcast = await collect(listener, {chat.task_id})
+        broadcast = await collect(listener, {chat.task_id})  # another gateway gets them all
     assert [(u.seq, u.status, u.delta) for u in local] == [(u.seq, u.status, u.delta) for u in broadcast]
     assert len(local) == 5
     assert all(sent <= i for i, sent in enumerate(broadcast_when_local))  # each before its broadcast
+    with pytest.raises(TimeoutError):
+        await own.get(timeout=0.3)  # this process's listeners had them from the hook: skipped
+    assert bus.stats.broadcast_skipped == 5
 
 
 async def test_two_relays_broadcast_each_change_once(make_dispatcher: MakeDispatcher, make_bus: Any,

@@ -292,6 +292,21 @@ async def test_broadcast_reaches_every_live_process_matching_its_pattern(make_bu
         await meeting_1.get(timeout=0.3)  # task.t1 is not for it
 
 
+async def test_a_broadcast_sent_with_skip_self_reaches_every_process_but_its_own(make_bus: MakeBus) -> None:
+    relaying, other = make_bus("gateway"), make_bus("gateway")
+    for bus in (relaying, other):
+        await bus.start()
+    mine, theirs = relaying.listen("task.>"), other.listen("task.>")
+    await asyncio.sleep(0.3)  # subscriptions are live once the broker has them
+    await relaying.broadcast("task.t1", {"status": "queued"}, skip_self=True)
+    await relaying.broadcast("task.t1", {"status": "processing"})
+    got = await theirs.get(timeout=5)
+    assert (got.topic, got.data, got.origin) == ("task.t1", {"status": "queued"}, relaying.consumer)
+    assert (await theirs.get(timeout=5)).data == {"status": "processing"}
+    assert (await mine.get(timeout=5)).data == {"status": "processing"}  # its own copy of the first skipped
+    assert relaying.stats.broadcast_skipped == 1 and other.stats.broadcast_skipped == 0
+
+
 async def test_a_full_listener_drops_and_counts_without_slowing_others(make_bus: MakeBus) -> None:
     receiver, sender = make_bus("gateway"), make_bus("meeting")
     await receiver.start()
