@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.bus import EventBus
+from shared.bus import EventBus, TaskStatus
 from shared.bus.dispatcher import TaskUpdate
 from shared.bus.relay import SeqFilter
 from shared.bus.sessions import SessionHub
@@ -37,6 +37,8 @@ def task_frame(update: TaskUpdate) -> dict[str, Any]:
             frame["delta"] = update.delta
         return frame
     frame = {"type": "status", "task_id": update.task_id, "status": update.status.value}
+    if update.reason is not None:
+        frame["reason"] = update.reason
     if update.position is not None:
         frame["position"] = update.position
     if update.attempts is not None:
@@ -78,6 +80,8 @@ class Live:
         if not self._fresh.fresh(update):
             return
         self.relayed += 1
+        if update.status is TaskStatus.QUEUED and update.reason is None:
+            return  # the submission itself: its submitter had `accepted`, a watcher the current state
         self.hub.deliver_task(update.task_id, task_frame(update))
         for queue in self._sse.get(update.task_id, ()):
             queue.put_nowait(update)

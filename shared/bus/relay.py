@@ -66,6 +66,7 @@ class TaskUpdate(BaseModel):
     error: TaskError | None = None
     attempts: int | None = None
     position: int | None = None
+    reason: str | None = None  # why queued again: retry, next_stage, released, lease_expired, replay
     at: float  # server time of the change (epoch seconds)
     seq: str | None = None  # the status-stream entry id ("<ms>-<n>"): orders one task's updates
 
@@ -478,7 +479,8 @@ class Relay:
                 progress=float(fields["progress"]) if fields.get("progress") else None,
                 delta=fields.get("delta") or None, result=result, error=parse_error(fields.get("error")),
                 attempts=int(fields["attempts"]) if fields.get("attempts") else None,
-                position=looked.get(f"position:{task_id}"), at=int(entry_id.split("-")[0]) / 1000,
+                position=looked.get(f"position:{task_id}"), reason=fields.get("reason") or None,
+                at=int(entry_id.split("-")[0]) / 1000,
                 seq=entry_id)
             out.append((update, changed))
         return out

@@ -78,9 +78,9 @@ async def gateway(settings: GatewaySettings) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def service(redis: Any, key_prefix: str) -> AsyncIterator[list[Worker]]:
-    """Workers for the ai, media and meeting queues running the stand-in handlers."""
+    """Workers for the ai, media and meeting queues running the stand-in handlers (one retry each)."""
     workers = [
-        Worker(Queue(name, redis, prefix=key_prefix, max_retries=0), router, concurrency=20, grace_seconds=1)
+        Worker(Queue(name, redis, prefix=key_prefix, max_retries=1), router, concurrency=20, grace_seconds=1)
         for name in ("ai", "media", "meeting")
     ]
     tasks = [asyncio.create_task(w.run()) for w in workers]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from shared.bus import Context, Reject, Router
+from shared.bus import Context, Reject, Retry, Router
 
 router = Router()
 
@@ -25,6 +25,14 @@ async def summarize(ctx: Context) -> dict[str, Any]:
 @router.handler("ai.chat")
 async def chat(ctx: Context) -> dict[str, Any]:
     return {"echo": ctx.payload}
+
+
+@router.handler("ai.translate")
+async def translate(ctx: Context) -> dict[str, Any]:
+    """Fails its first attempt (asking for another at once), then answers."""
+    if ctx.message.attempts <= 1:
+        raise Retry(delay=0, reason="the model is warming up")
+    return {"attempts": ctx.message.attempts}
 
 
 @router.handler("media.cover")

@@ -246,6 +246,20 @@ async def test_ws_submit_streams_progress_in_order_then_the_result(
     assert frames[-1]["status"] == "completed" and frames[-1]["result"] == {"summary": "one two three four"}
 
 
+async def test_ws_announces_queueing_once_and_says_why_a_task_is_queued_again(
+    connect: Any, token: Token, service: Any
+) -> None:
+    async with connect(token()) as client:
+        await client.recv()  # welcome
+        await client.send({"type": "submit", "id": "r1", "task": "ai.translate", "data": {"text": "hej"}})
+        frames = await client.until(is_result)
+    statuses = [(f["status"], f.get("reason")) for f in frames if f["type"] == "status"]
+    assert frames[0]["type"] == "accepted" and frames[0]["status"] == "queued"
+    assert ("queued", None) not in statuses  # `accepted` said so already
+    assert statuses == [("processing", None), ("queued", "retry"), ("processing", None)]
+    assert frames[-1]["status"] == "completed" and frames[-1]["result"] == {"attempts": 2}
+
+
 async def test_ws_bad_input_gets_error_frames_and_the_socket_keeps_working(
     connect: Any, token: Token
 ) -> None:
