@@ -239,6 +239,8 @@ async def test_a_meetings_chat_is_summarised_when_it_ends_and_posted_to_the_meet
                         message = await live.get(timeout=WAIT)
                         if message.data["event"] == SUMMARY_EVENT:
                             summary = message.data["data"]
+            # published through the outbox once the task settles: wait while still recording
+            await until(lambda: any(ev.type == "ai.task_completed" for ev in events), "ai.task_completed")
         transcript = "alice: ship the beta on friday\nbob: I will write the notes"
         assert summary["meeting_id"] == mid and summary["text"] == transcript  # echo: the model's input
         assert summary["model"] == "echo" and summary["messages"] == 2 and summary["left_out"] == 0
@@ -248,7 +250,6 @@ async def test_a_meetings_chat_is_summarised_when_it_ends_and_posted_to_the_meet
         assert record.status is TaskStatus.COMPLETED and record.owner == "alice" and record.meeting_id == mid
         assert record.id.startswith("ai.")  # the dispatcher's ids: the gateway finds its queue
         assert record.message is not None and record.message.headers[ORIGIN_HEADER] == MEETING_ENDED
-        await until(lambda: any(ev.type == "ai.task_completed" for ev in events), "ai.task_completed")
         created = [ev.data for ev in events if ev.type == "ai.task_created"]
         completed = [ev.data for ev in events if ev.type == "ai.task_completed"]
         assert [(c.task_id, c.kind, c.meeting_id) for c in created] == [(record.id, "summarize", mid)]
