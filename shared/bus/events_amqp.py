@@ -46,10 +46,10 @@ from .events import EventBus
 log = logging.getLogger(__name__)
 PREFETCH = 100  # unacknowledged messages per consumer: acks overlap the next deliveries
 # Seconds a handled message waits to be acknowledged with those after it. 25 ms rather than 5: in
-# five pairs of `meetmesh bench events --backend amqp` runs taken in turn, p99 was lower with 25 in
-# every pair (2.3/17/13/12/16 ms against 3.5/36/27/25/22), the broker having a fifth of the acks
-# to process. A crash redelivers at most that much more (at-least-once); PREFETCH stays well above
-# what arrives meanwhile at 1,000 events/s.
+# eight pairs of `meetmesh bench events --backend amqp` runs taken in turn, subscriber CPU per event
+# was lower with 25 in all eight (2-15 %, the broker having a fifth of the acks to process) and p99
+# in six. A crash redelivers at most that much more (at-least-once); PREFETCH stays well above what
+# arrives meanwhile at 1,000 events/s.
 ACK_DELAY = 0.025
 GRACE = 5.0  # seconds `stop` lets the event in hand finish
 RECONNECT_MAX = 5.0  # seconds, the longest wait between reconnection attempts
