@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 
@@ -59,7 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from shared.bus import ConfigError, Event, EventBus, make_event
+from shared.bus import ConfigError, Event, EventBus, backoff, make_event
 
 from .db import Database
 
@@ -123,13 +122,6 @@ class Outbox:
         """How many events wait in the table (this replica's and any other's)."""
         async with database.session() as s:
             return int(await s.scalar(select(func.count()).select_from(self.table)) or 0)
-
-
-def backoff(failures: int, base: float, cap: float) -> float:
-    """Seconds to wait after ``failures`` failures in a row: ``base * 2**(failures-1)``, at most ``cap``,
-    jittered down to half of it (replicas retrying together spread out)."""
-    delay = min(cap, base * 2 ** min(failures - 1, 32))
-    return random.uniform(delay / 2, delay)
 
 
 class OutboxRelay:

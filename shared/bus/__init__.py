@@ -1,6 +1,7 @@
 """MeetMesh's bus: reliable priority task queues on Redis and the worker that runs them; service
 events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-process bus; the scheduler."""
 
+from .backoff import backoff
 from .catalogue import Event, Payload, make_event
 from .connection import connect
 from .dispatcher import Dispatcher, Submitted, TaskUpdate
@@ -99,6 +100,7 @@ __all__ = [
     "TaskUpdate",
     "TokenBucket",
     "Worker",
+    "backoff",
     "connect",
     "make_event",
     "new_id",

@@ -16,7 +16,6 @@ import functools
 import logging
 import math
 import os
-import random
 import re
 import socket
 import time
@@ -26,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from .backoff import backoff
 from .connection import unreachable_as_bus_error
 from .errors import BusConnectionError, ConfigError, InvalidMessage, TaskNotFound
 from .events import EventBus
@@ -323,7 +323,7 @@ class Dispatcher:
             except Exception as exc:
                 failures += 1
                 log.warning("deadline sweep failed (%d in a row): %r", failures, exc)
-            await self._pause(_backoff(failures) if failures else SWEEP_EVERY)
+            await self._pause(backoff(failures) if failures else SWEEP_EVERY)
 
 
 async def _record_or_none(queue: Queue, task_id: str) -> TaskRecord | None:
@@ -343,6 +343,3 @@ def _delay(delay_s: Any) -> float | None:
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
-
-def _backoff(failures: int) -> float:
-    return float(min(5.0, 0.05 * 2 ** min(failures, 7)) * random.uniform(0.5, 1.0))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ import aiormq
 import aiormq.abc
 from aiormq.exceptions import AMQPError
 
+from .backoff import backoff
 from .errors import BusConnectionError, ConfigError
 from .events import EventBus
 
@@ -244,15 +244,16 @@ class AmqpEventBus(EventBus):
             log.warning("RabbitMQ connection for events at %s lost: reconnecting", self.url)
             for consumer in self._consumers:
                 consumer.abandon()
-            delay = 0.1
+            failures = 0
             while not self._stopping:
                 try:
                     await self._connect()
                 except _UNREACHABLE as exc:
+                    failures += 1
+                    delay = backoff(failures, cap=RECONNECT_MAX)
                     log.warning("RabbitMQ at %s still unreachable (%r): retrying in %.1f s",
                                 self.url, exc, delay)
-                    await asyncio.sleep(random.uniform(delay / 2, delay))
-                    delay = min(delay * 2, RECONNECT_MAX)
+                    await asyncio.sleep(delay)
                     continue
                 self.reconnects += 1
                 log.warning("RabbitMQ connection for events at %s restored", self.url)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +29,7 @@ from pydantic_core import from_json
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from .backoff import backoff
 from .errors import BusError, ConfigError, InvalidMessage
 from .events import EventBus, check_topic
 from .keys import DEFAULT_PREFIX, DispatchKeys
@@ -208,7 +208,7 @@ class Relay:
                 except Exception as exc:
                     failures += 1
                     log.warning("task relay: taking the lease failed (%d in a row): %r", failures, exc)
-                    await self._pause(_backoff(failures))
+                    await self._pause(backoff(failures))
                     continue
                 await self._pause(self.renew_every)
         finally:
@@ -308,7 +308,7 @@ class Relay:
                     if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
                         self._grouped = False  # a stream was deleted: recreate the group
                     log.warning("task relay failed (%d in a row): %r", failures, exc)
-                    await self._pause(_backoff(failures))
+                    await self._pause(backoff(failures))
         finally:
             if sending is not None:  # the batch being relayed is completed and acknowledged
                 with contextlib.suppress(Exception):
@@ -503,6 +503,3 @@ def _meeting(msg: str | None) -> str | None:
             return str(body["meeting_id"])
     return None
 
-
-def _backoff(failures: int) -> float:
-    return float(min(5.0, 0.05 * 2 ** min(failures, 7)) * random.uniform(0.5, 1.0))

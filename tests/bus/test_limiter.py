@@ -389,3 +389,14 @@ def test_a_report_after_a_quiet_spell_drops_from_the_grown_limit() -> None:
         results.append(limiter.limit)
     assert results == [10, 10], (
         f"after the report: {results[0]} if the limit was read first, else {results[1]}")
+
+
+def test_backoff_doubles_from_base_up_to_cap_jittered_down_to_half() -> None:
+    from shared.bus import backoff
+
+    for failures, full in ((1, 0.1), (2, 0.2), (4, 0.8), (7, 5.0), (10_000, 5.0)):
+        waits = [backoff(failures) for _ in range(200)]
+        assert all(full / 2 <= w <= full for w in waits), (failures, min(waits), max(waits))
+        assert max(waits) - min(waits) > full / 10  # jittered, not fixed
+    assert all(0.1 <= backoff(3, base=0.2, cap=0.2) <= 0.2 for _ in range(50))
+    assert 0.05 <= backoff(0) <= 0.1  # no failure yet counts as the first
