@@ -31,6 +31,7 @@ MODE = os.environ.get("MODE", "ormq")
 PERSIST = os.environ.get("PERSIST", "1") == "1"
 CONFIRM = os.environ.get("CONFIRM", "1") == "1"
 QUEUE_ARGS: dict[str, Any] = json.loads(os.environ.get("QARGS", "{}"))
+ACK_S = float(os.environ.get("ACK_MS", "5")) / 1000  # bulk-ack delay
 
 
 def latency_ms(body: bytes) -> float:
@@ -64,7 +65,7 @@ async def consume_aiormq(name: str, out: Path) -> None:
         samples.append(latency_ms(message.body))
         last_tag = message.delivery_tag or 0
         if timer is None:
-            timer = loop.call_later(0.005, ack)
+            timer = loop.call_later(ACK_S, ack)
         if len(samples) >= N:
             done.set()
 

@@ -112,8 +112,8 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
     await rabbit.start()
 
     async def send_amqp(type: str) -> object:
-        return await rabbit.publish(_body(type), routing_key=type, exchange=exchange, persist=True,
-                                    content_type="application/json")
+        return await rabbit.publish(_body(type), routing_key=type, exchange=exchange,
+                                    persist=twin.persistent, content_type="application/json")
 
     return send_amqp, rabbit.stop
 
