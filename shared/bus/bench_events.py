@@ -113,7 +113,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
 
     async def send_amqp(type: str) -> object:
         return await rabbit.publish(_body(type), routing_key=type, exchange=exchange,
-                                    persist=twin.persistent, content_type="application/json")
+                                    persist=True, content_type="application/json")
 
     return send_amqp, rabbit.stop
 

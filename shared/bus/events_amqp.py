@@ -3,9 +3,9 @@
 - Durable events: a durable topic exchange ``<prefix>.events``, routing key = event type. Each
   service has one durable queue, ``<prefix>.svc.<service>``, bound once per pattern it subscribes
   to (``*`` stays, ``>`` becomes ``#``), limited by ``x-message-ttl`` and ``x-max-length``; its
-  replicas are competing consumers of that queue. Messages are published with confirms and are
-  persistent, unless the URL says ``?persistent=false`` (see below); a replica's connection
-  dropping puts its unacknowledged messages back at once.
+  replicas are competing consumers of that queue, a quorum queue (see below). Messages are
+  persistent and published with confirms; a replica's connection dropping puts its
+  unacknowledged messages back at once.
   RabbitMQ has no per-message ack deadline (only the broker-wide ``consumer_timeout``), so a long
   handler needs no keep-alive here.
 - Dead letters: a durable queue per service, ``<prefix>.dead.<service>``, fed through the default
@@ -24,13 +24,12 @@ aio-pika each add a layer of objects and tasks per delivery, and one ack per mes
 broker's work. Here a delivery is one aiormq callback that queues it; one task per consumer
 handles them in order and acknowledges in bulk.
 
-Persistence is the broker's largest cost: on this two-core machine, persistent messages took
-RabbitMQ 0.8 of a core at 1,000 events/s to three services, transient ones 0.4, and a bare aiormq
-client's p99 went from about 3 ms to 11-60 ms. ``amqp://.../?persistent=false`` in
-``MEETMESH_EVENTS_URL`` publishes transient messages: they still wait in the durable queue of a
-service that is down or slow (so it catches up) and are still confirmed, but a *broker* restart
-loses those not yet consumed. Choose it where the broker's latency matters more than surviving its
-restart (Redis, as this machine runs it, keeps nothing on disk either).
+Quorum queues rather than classic ones, for the services' queues and dead letters: every message
+is on disk (a Raft log, fsynced before the publish is confirmed), and on this two-core machine
+they took less of the broker's CPU than persistent messages in classic queues (0.59-0.68 of a core
+against 0.76-0.79 at 1,000 events/s to three services) with a lower p99 in all five paired runs of
+``bench/raw_aiormq_latency.py`` (4.2-8.7 ms against 7.5-17.5). They also need RabbitMQ 3.10 or
+later for the retention by age (``x-message-ttl``).
 
 Because a queue only receives what was published after it was bound, a service's durable
 subscription begins the first time that service starts, as on the other backends.
@@ -43,7 +42,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiormq
 import aiormq.abc
@@ -66,27 +64,7 @@ RECONNECT_MAX = 5.0  # seconds, the longest wait between reconnection attempts
 _UNREACHABLE = (AMQPError, OSError, ConnectionError, TimeoutError)
 PERSISTENT = aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json")
 TRANSIENT = aiormq.spec.Basic.Properties(delivery_mode=1, content_type="application/json")
-
-
-def split_options(url: str) -> tuple[str, bool]:
-    """``url`` without our own query option, and whether messages are persistent (default yes).
-
-    ``persistent`` takes true/false (also 1/0, yes/no); aiormq never sees it.
-    """
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    values = [v for k, v in query if k == "persistent"]
-    persistent = True
-    if values:
-        value = values[-1].strip().lower()
-        if value not in _FLAGS:
-            raise ConfigError(f"events URL option persistent={values[-1]!r}: use true or false")
-        persistent = _FLAGS[value]
-    rest = urlencode([(k, v) for k, v in query if k != "persistent"])
-    return urlunsplit(parts._replace(query=rest)), persistent
-
-
-_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}  # services' queues, dead letters: see the docstring
 
 
 def amqp_pattern(pattern: str) -> str:
@@ -193,16 +171,14 @@ class AmqpEventBus(EventBus):
     scheme = "amqp"
 
     def __init__(self, url: str, **options: Any) -> None:
-        url, self.persistent = split_options(url)
         super().__init__(url, **options)
-        self._durable = PERSISTENT if self.persistent else TRANSIENT
         p = self.prefix
         self.exchange = f"{p}.events"
         self.broadcast_exchange = f"{p}.broadcast"
         self.queue = f"{p}.svc.{self.service}"
         self.dead_queue = f"{p}.dead.{self.service}"
         self.broadcast_queue = f"{p}.bc.{self.consumer}"
-        self.queue_arguments: dict[str, Any] = {}
+        self.queue_arguments: dict[str, Any] = dict(QUORUM)
         if self.retention.max_age is not None:
             self.queue_arguments["x-message-ttl"] = int(self.retention.max_age * 1000)
         if self.retention.max_count is not None:
@@ -234,7 +210,7 @@ class AmqpEventBus(EventBus):
             fire = await connection.channel(publisher_confirms=False)
             await confirmed.exchange_declare(self.exchange, exchange_type="topic", durable=True)
             await confirmed.exchange_declare(self.broadcast_exchange, exchange_type="topic")
-            await confirmed.queue_declare(self.dead_queue, durable=True)
+            await confirmed.queue_declare(self.dead_queue, durable=True, arguments=QUORUM)
             consumers = []
             if self._subscriptions:
                 channel = await connection.channel()
@@ -260,8 +236,9 @@ class AmqpEventBus(EventBus):
             await channel.queue_declare(self.queue, durable=True, arguments=self.queue_arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise ConfigError(f"RabbitMQ queue {self.queue!r} exists with other arguments than this "
-                              f"service's retention {self.queue_arguments}: delete it or keep the "
-                              f"retention it was made with ({exc})") from exc
+                              f"service's {self.queue_arguments} (its retention, or a classic queue "
+                              f"from before quorum queues): delete it or keep the retention it was "
+                              f"made with ({exc})") from exc
 
     async def _on_broadcast(self, message: aiormq.abc.DeliveredMessage) -> None:
         self._fan_out(message.body)
@@ -337,7 +314,7 @@ class AmqpEventBus(EventBus):
         channel = self._channel(confirmed)
         try:
             await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                        properties=self._durable if confirmed else TRANSIENT)
+                                        properties=PERSISTENT if confirmed else TRANSIENT)
         except _UNREACHABLE as exc:
             raise BusConnectionError(f"cannot {what} to RabbitMQ at {self.url}: {exc!r}") from exc
 
@@ -348,7 +325,7 @@ class AmqpEventBus(EventBus):
         (closing the channel requeues them at their places)."""
         channel = await self._open_channel()
         try:
-            await channel.queue_declare(f"{self.prefix}.dead.{service}", durable=True)
+            await channel.queue_declare(f"{self.prefix}.dead.{service}", durable=True, arguments=QUORUM)
             bodies: list[bytes] = []
             while len(bodies) < limit:
                 message = await channel.basic_get(f"{self.prefix}.dead.{service}", no_ack=False)

@@ -1,6 +1,6 @@
 """What only the RabbitMQ backend does by hand (it is on aiormq, not FastStream): reconnecting after
-its connection drops, refusing a queue declared earlier with another retention, and the
-``?persistent=false`` option."""
+its connection drops, refusing a queue declared earlier with another retention, and its quorum
+queues."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from shared.bus import BusConnectionError, ConfigError
 from shared.bus.catalogue import Event
-from shared.bus.events import EventBus, Retention
-from shared.bus.events_amqp import AmqpEventBus, split_options
+from shared.bus.events import Retention
+from shared.bus.events_amqp import AmqpEventBus
 from tests.bus.test_events import URLS, MakeBus, created, make_bus, prefix, recorder, until
 
 __all__ = ["make_bus", "prefix"]  # the fixtures, shared with the contract suite
@@ -75,40 +75,30 @@ async def test_a_queue_made_with_another_retention_is_a_clear_error(make_bus: Ma
         await second.start()
 
 
-def test_the_persistent_option_is_read_from_the_url_and_kept_from_aiormq() -> None:
-    assert split_options("amqp://u:p@h:5672/vh") == ("amqp://u:p@h:5672/vh", True)
-    assert split_options("amqp://h/?heartbeat=5&persistent=false") == ("amqp://h/?heartbeat=5", False)
-    assert split_options("amqp://h/?persistent=YES")[1] is True
-    with pytest.raises(ConfigError, match="persistent='sometimes': use true or false"):
-        split_options("amqp://h/?persistent=sometimes")
-    bus = EventBus.from_url("amqp://guest:guest@127.0.0.1:5672/?persistent=0", service="s")
-    assert isinstance(bus, AmqpEventBus)
-    assert not bus.persistent and bus.url == "amqp://guest:guest@127.0.0.1:5672/"
-
-
-@pytest.mark.parametrize("persistent", [True, False])
-async def test_events_are_published_persistent_or_transient_and_wait_for_a_stopped_service(
-        make_bus: MakeBus, prefix: str, persistent: bool) -> None:
-    url = f"{URLS['amqp']}?persistent={str(persistent).lower()}"
+async def test_services_queues_are_quorum_queues_of_persistent_messages(
+        make_bus: MakeBus, prefix: str) -> None:
     subscriber = make_bus("meeting")
     subscriber.subscribe("meeting.*", recorder([]))
     await subscriber.start()
     await subscriber.stop()  # the service's queue exists; nobody consumes it now
-    make_bus("publisher")  # never started: only so that the fixture drops the publisher's queues
-    publisher = EventBus.from_url(url, service="publisher", prefix=prefix)
+    publisher = make_bus("publisher")
     await publisher.start()
-    try:
-        sent = [await publisher.publish("meeting.created", created(n)) for n in range(3)]
-    finally:
-        await publisher.stop()
+    sent = [await publisher.publish("meeting.created", created(n)) for n in range(3)]
 
     connection = await aiormq.connect(URLS["amqp"])
     try:
         channel = await connection.channel()
         first = await channel.basic_get(f"{prefix}.svc.meeting", no_ack=False)
-        assert first.header.properties.delivery_mode == (2 if persistent else 1)
+        assert first.header.properties.delivery_mode == 2
+        await channel.close()  # hands the message back
+        assert isinstance(subscriber, AmqpEventBus)
+        classic = {k: v for k, v in subscriber.queue_arguments.items() if k != "x-queue-type"}
+        for queue, arguments in ((subscriber.queue, classic), (subscriber.dead_queue, {})):
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="'x-queue-type'"):
+                await channel.queue_declare(queue, durable=True, arguments=arguments)  # as classic
     finally:
-        await connection.close()  # hands the message back
+        await connection.close()
 
     seen: list[Event[Any]] = []
     again = make_bus("meeting")
