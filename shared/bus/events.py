@@ -31,7 +31,7 @@ import re
 import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar
@@ -294,15 +294,26 @@ class EventBus(abc.ABC):
         ``skip_self``: not to this process's listeners (the caller handed it to them already).
         """
         self._check_started()
+        await self._broadcast(topic, self._broadcast_body(topic, data, skip_self))
+        self.stats.broadcast_sent += 1
+
+    async def broadcast_many(self, items: Iterable[tuple[str, Any]], *, skip_self: bool = False) -> None:
+        """Several broadcasts (``(topic, data)`` pairs), in this order, sent together: one round trip
+        on Redis. All are checked first; one that is not valid raises and none is sent."""
+        self._check_started()
+        bodies = [(topic, self._broadcast_body(topic, data, skip_self)) for topic, data in items]
+        if bodies:
+            await self._broadcast_batch(bodies)
+            self.stats.broadcast_sent += len(bodies)
+
+    def _broadcast_body(self, topic: str, data: Any, skip_self: bool) -> bytes:
         check_topic(topic)
         try:
             body = BroadcastMessage(origin=self.consumer if skip_self else None, topic=topic, data=data,
                                     source=self.service, time=time.time())
-            raw = body.model_dump_json().encode()
+            return body.model_dump_json().encode()
         except (ValidationError, ValueError, TypeError) as exc:
             raise InvalidMessage(f"broadcast data for {topic!r} is not JSON-serialisable: {exc}") from exc
-        await self._broadcast(topic, raw)
-        self.stats.broadcast_sent += 1
 
     def listen(self, pattern: str, *, maxsize: int = 1000) -> Listener:
         """A `Listener` of the broadcasts whose topic matches ``pattern``, from now on."""
@@ -460,6 +471,11 @@ class EventBus(abc.ABC):
 
     @abc.abstractmethod
     async def _broadcast(self, topic: str, body: bytes) -> None: ...
+
+    async def _broadcast_batch(self, bodies: list[tuple[str, bytes]]) -> None:
+        """Several ``_broadcast``, in order; a backend that can send them together overrides this."""
+        for topic, body in bodies:
+            await self._broadcast(topic, body)
 
     @abc.abstractmethod
     async def _write_dead(self, service: str, body: bytes) -> None: ...

@@ -147,8 +147,12 @@ class RedisEventBus(EventBus):
         await self._send(None, body)
 
     async def _send(self, channel: str | None, body: bytes) -> None:
+        await self._send_all([(channel, body)])
+
+    async def _send_all(self, items: list[tuple[str | None, bytes]]) -> None:
+        """Queue these for the next pipeline (in order); wait until it has run."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((channel, body, done))
+        self._pending.extend((channel, body, done) for channel, body in items)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         await done
@@ -186,6 +190,9 @@ class RedisEventBus(EventBus):
         # Plain PUBLISH in the shared pipeline: FastStream's publish cost 186 us of CPU per
         # broadcast against 57 (7 pipelined), and the relay sends three per task.
         await self._send(self.keys.broadcast(topic), body)
+
+    async def _broadcast_batch(self, bodies: list[tuple[str, bytes]]) -> None:
+        await self._send_all([(self.keys.broadcast(topic), body) for topic, body in bodies])
 
     # -- dead letters -----------------------------------------------------------------------------
 

@@ -171,6 +171,7 @@ class Relay:
         self._until = 0.0  # monotonic time the lease ends by this instance's clock; 0 if not held
         self._grouped = False
         self._stopping = asyncio.Event()
+        self._stop_wait: asyncio.Task[Any] | None = None  # one `_stopping.wait()` for every blocking read
         self.local: Callable[[TaskUpdate], None] | None = None
 
     @property
@@ -184,6 +185,12 @@ class Relay:
         if len(self._tasks) >= TASK_CACHE:
             del self._tasks[next(iter(self._tasks))]  # the oldest: it probably finished
         self._tasks[task_id] = (type, owner, meeting)
+
+    def _stop_waiter(self) -> asyncio.Task[Any]:
+        """A task that ends when `stop()` is called, shared by the reads (one task, not one per read)."""
+        if self._stop_wait is None:
+            self._stop_wait = asyncio.ensure_future(self._stopping.wait())
+        return self._stop_wait
 
     def stop(self) -> None:
         """Ask `run()` to finish: the batch being relayed is completed and acknowledged, then the lease
@@ -213,6 +220,9 @@ class Relay:
                 await self._pause(self.renew_every)
         finally:
             self._until = 0.0
+            if self._stop_wait is not None:
+                self._stop_wait.cancel()
+                self._stop_wait = None
             await self._release()
 
     async def _pause(self, seconds: float) -> None:
@@ -339,9 +349,7 @@ class Relay:
                 return None
             read = asyncio.ensure_future(self.redis.xreadgroup(RELAY_GROUP, LEADER, streams,
                                                                count=RELAY_BATCH, block=block))
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
+            await asyncio.wait({read, self._stop_waiter()}, return_when=asyncio.FIRST_COMPLETED)
             if not read.done():
                 read.cancel()  # redis-py drops the connection, which ends the blocked read in Redis
                 await asyncio.gather(read, return_exceptions=True)
@@ -387,10 +395,9 @@ class Relay:
         and gateways drop the repeats (`SeqFilter`); no status event is lost either.
         """
         try:
-            # All at once: the event bus pipelines them, in this order, in one round trip.
+            # All at once: on Redis, in this order, in one round trip.
             skip_self = self.local is not None  # this process's listeners had them from `local`
-            await asyncio.gather(*(self.events.broadcast(t, d, skip_self=skip_self)
-                                   for t, d in batch.broadcasts))
+            await self.events.broadcast_many(batch.broadcasts, skip_self=skip_self)
             if batch.changes:
                 await asyncio.gather(*(self.events.publish("task.status", c) for c in batch.changes))
         except BaseException:

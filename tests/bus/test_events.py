@@ -307,6 +307,21 @@ async def test_a_broadcast_sent_with_skip_self_reaches_every_process_but_its_own
     assert relaying.stats.broadcast_skipped == 1 and other.stats.broadcast_skipped == 0
 
 
+async def test_broadcast_many_sends_in_order_and_nothing_if_one_is_invalid(make_bus: MakeBus) -> None:
+    relaying, other = make_bus("gateway"), make_bus("gateway")
+    for bus in (relaying, other):
+        await bus.start()
+    mine, theirs = relaying.listen("task.>"), other.listen("task.>")
+    await asyncio.sleep(0.3)
+    with pytest.raises(InvalidMessage):
+        await relaying.broadcast_many([("task.t0", 0), ("bad topic!", 1)])
+    await relaying.broadcast_many([(f"task.t{i}", i) for i in range(1, 6)], skip_self=True)
+    await relaying.broadcast_many([("task.t9", 9)])
+    assert [(await theirs.get(timeout=5)).data for _ in range(6)] == [1, 2, 3, 4, 5, 9]
+    assert (await mine.get(timeout=5)).data == 9  # its own copies of the skip_self ones dropped
+    assert relaying.stats.broadcast_sent == 6 and relaying.stats.broadcast_skipped == 5
+
+
 async def test_a_full_listener_drops_and_counts_without_slowing_others(make_bus: MakeBus) -> None:
     receiver, sender = make_bus("gateway"), make_bus("meeting")
     await receiver.start()
