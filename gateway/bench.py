@@ -8,6 +8,12 @@ Everything runs as in production, each in its own process: ``meetmesh gateway`` 
 them. The first client process then sends ``submit`` frames over 100 of its sockets, round-robin,
 the i-th at t0 + i/rate, and times each from just before its frame is sent to its ``result`` frame.
 The run uses a key prefix of its own and deletes its keys at the end.
+
+``--gateways N`` runs N gateway processes (N ports, as behind a load balancer) on the same Redis, and
+every client process spreads its sockets over them round-robin, the round-trip sockets too: a task
+submitted through one gateway is relayed by whichever holds the relay lease, and reaches the other
+through the broadcast. RSS and CPU are then the sum over the gateways; the socket and RSS targets
+are for one process and are only judged with one.
 """
 
 from __future__ import annotations
@@ -179,8 +185,9 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
     }
 
 
-async def _client(url: str, first: int, count: int) -> None:
-    """Open ``count`` sockets (users bench-<first>...), report, then obey commands on stdin."""
+async def _client(urls: list[str], first: int, count: int) -> None:
+    """Open ``count`` sockets (users bench-<first>...; socket n on ``urls[n % len(urls)]``), report,
+    then obey commands on stdin."""
     from .auth import mint
 
     secret = os.environ["MEETMESH_JWT_SECRET"]
@@ -191,7 +198,7 @@ async def _client(url: str, first: int, count: int) -> None:
     async def one(n: int) -> Any:
         nonlocal held
         async with gate:
-            ws = await _open(url, mint(secret, f"bench-{n}"), errors)
+            ws = await _open(urls[n % len(urls)], mint(secret, f"bench-{n}"), errors)
         held += ws is not None
         return ws
 
@@ -393,14 +400,21 @@ async def _warm_up(ws_url: str, token: str) -> None:
                 pass
 
 
-async def _gateway_stats(base: str, token: str) -> dict[str, Any]:
+async def _gateway_stats(bases: list[str], token: str) -> dict[str, Any]:
+    """The session counters of the gateways, added up, and ``attached_each``: each one's sockets."""
     import httpx
 
+    total: dict[str, Any] = {}
+    each: list[int] = []
     async with httpx.AsyncClient(timeout=30.0) as http:
-        r = await http.get(f"{base}/api/v1/stats", headers={"Authorization": f"Bearer {token}"})
-        r.raise_for_status()
-        stats: dict[str, Any] = r.json()["gateway"]["sessions"]
-        return stats
+        for base in bases:
+            r = await http.get(f"{base}/api/v1/stats", headers={"Authorization": f"Bearer {token}"})
+            r.raise_for_status()
+            sessions = r.json()["gateway"]["sessions"]
+            for name, value in sessions.items():
+                total[name] = total.get(name, 0) + value
+            each.append(sessions["attached"])
+    return {**total, "attached_each": each}
 
 
 async def _drop_keys(redis_url: str, prefix: str) -> int:
@@ -429,14 +443,17 @@ async def run(
     tasks: int = 5000,
     redis_url: str = DEFAULT_REDIS_URL,
     per_process: int = PER_PROCESS,
+    gateways: int = 1,
 ) -> dict[str, Any]:
-    """Hold ``clients`` sockets on one gateway process, then time ``tasks`` round trips at ``rate``/s."""
-    if clients < 1 or tasks < 1 or rate <= 0 or per_process < 1:
-        raise ConfigError("clients, tasks and per_process must be >= 1, rate > 0")
+    """Hold ``clients`` sockets on ``gateways`` gateway processes, then time ``tasks`` round trips at
+    ``rate``/s."""
+    if clients < 1 or tasks < 1 or rate <= 0 or per_process < 1 or gateways < 1:
+        raise ConfigError("clients, tasks, per_process and gateways must be >= 1, rate > 0")
     file_limit = _raise_file_limit(clients)
     prefix, secret = f"mmbench-ws-{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(32)
-    port = _free_port()
-    base, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
+    ports = [_free_port() for _ in range(gateways)]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    ws_urls = [f"ws://127.0.0.1:{port}/ws" for port in ports]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEETMESH_")}
     env.update(
         {
@@ -455,6 +472,7 @@ async def run(
     shares = [clients // processes + (k < clients % processes) for k in range(processes)]
     out: dict[str, Any] = {
         "clients": clients,
+        "gateways": gateways,
         "rate": rate,
         "tasks": tasks,
         "prefix": prefix,
@@ -466,10 +484,13 @@ async def run(
         work = Path(tmp)
         try:
             py = sys.executable
-            gateway = await _Child.spawn(
-                "gateway", [py, "-m", "shared.bus.cli", "gateway", "--port", str(port)], env, work
-            )
-            children.append(gateway)
+            gws = [
+                await _Child.spawn(
+                    f"gateway-{k}", [py, "-m", "shared.bus.cli", "gateway", "--port", str(port)], env, work
+                )
+                for k, port in enumerate(ports)
+            ]
+            children.extend(gws)
             worker = await _Child.spawn(
                 "worker",
                 [py, "-m", "shared.bus.cli", "worker", "--queue", "ai", "--app", "gateway.bench:noop_router"],
@@ -477,11 +498,14 @@ async def run(
                 work,
             )
             children.append(worker)
-            await _wait_ready(base, gateway)
-            await _warm_up(ws_url, mint(secret, "bench-warm"))
+            for base, gw in zip(bases, gws, strict=True):
+                await _wait_ready(base, gw)
+            for ws_url in ws_urls:
+                await _warm_up(ws_url, mint(secret, "bench-warm"))
             await asyncio.sleep(0.5)
-            out["rss_mb_before"] = round(_rss_mb(gateway.pid), 1)
-            cpu0 = _cpu_s(gateway.pid)
+            pids = [gw.pid for gw in gws]
+            out["rss_mb_before"] = round(sum(map(_rss_mb, pids)), 1)
+            cpu0 = sum(map(_cpu_s, pids))
 
             # 1. open and hold the sockets
             started = time.perf_counter()
@@ -489,7 +513,7 @@ async def run(
             for k, share in enumerate(shares):
                 child = await _Child.spawn(
                     f"client-{k}",
-                    [py, "-m", "gateway.bench", "client", ws_url, str(first), str(share)],
+                    [py, "-m", "gateway.bench", "client", ",".join(ws_urls), str(first), str(share)],
                     env,
                     work,
                     pipes=True,
@@ -506,8 +530,8 @@ async def run(
                     errors[text] = errors.get(text, 0) + n
             sockets = sum(h["held"] for h in held)
             await asyncio.sleep(1.0)
-            rss_after = _rss_mb(gateway.pid)
-            cpu1 = _cpu_s(gateway.pid)
+            rss_after = sum(map(_rss_mb, pids))
+            cpu1 = sum(map(_cpu_s, pids))
             grown = rss_after - out["rss_mb_before"]
             out.update(
                 {
@@ -523,7 +547,7 @@ async def run(
                     "gateway_cpu_ms_per_connect": round((cpu1 - cpu0) * 1000 / sockets, 3)
                     if sockets
                     else None,
-                    "gateway_sessions": await _gateway_stats(base, admin),
+                    "gateway_sessions": await _gateway_stats(bases, admin),
                 }
             )
 
@@ -533,9 +557,9 @@ async def run(
                 raise RuntimeError("the first client process holds no socket to submit over")
             await clients_[0].tell({"cmd": "round_trips", "tasks": tasks, "rate": rate, "sockets": subset})
             await clients_[0].read("measuring", 120)
-            cpu2, wall2 = (_cpu_s(gateway.pid), _cpu_s(worker.pid)), time.monotonic()
+            cpu2, wall2 = (sum(map(_cpu_s, pids)), _cpu_s(worker.pid)), time.monotonic()
             await clients_[0].read("measured", 60 + 2 * tasks / rate)
-            cpu3, wall3 = (_cpu_s(gateway.pid), _cpu_s(worker.pid)), time.monotonic()
+            cpu3, wall3 = (sum(map(_cpu_s, pids)), _cpu_s(worker.pid)), time.monotonic()
             rt = await clients_[0].read("round_trips", 60)
             completed = rt["completed"]
             out["round_trip"] = {
@@ -567,8 +591,8 @@ async def run(
                 await c.tell({"cmd": "count"})
             counts = await asyncio.gather(*(c.read("count", 60) for c in clients_))
             out["sockets_open_at_end"] = sum(c["open"] for c in counts)
-            out["rss_mb_end"] = round(_rss_mb(gateway.pid), 1)
-            out["gateway_sessions_end"] = await _gateway_stats(base, admin)
+            out["rss_mb_end"] = round(sum(map(_rss_mb, pids)), 1)
+            out["gateway_sessions_end"] = await _gateway_stats(bases, admin)
             for c in clients_:
                 with contextlib.suppress(Exception):
                     await c.tell({"cmd": "close"})
@@ -589,8 +613,9 @@ async def run(
         and out.get("sockets_open_at_end") == clients
     )
     out["notes"] = [
-        "gateway: `python -m shared.bus.cli gateway` (uvicorn, its defaults) with MEETMESH_SUBMIT_RATE and "
-        "MEETMESH_SUBMIT_BURST 1e6 (one user per socket anyway)",
+        f"gateway: {gateways} x `python -m shared.bus.cli gateway` (uvicorn, its defaults) with "
+        "MEETMESH_SUBMIT_RATE and MEETMESH_SUBMIT_BURST 1e6 (one user per socket anyway); with more than "
+        "one, sockets are spread over them round-robin and RSS and CPU are their sums",
         f"sockets: {processes} client process(es), websockets with permessage-deflate offered (as "
         "browsers do), no client pings; each counted once its welcome frame arrived",
         "rss: the gateway's VmRSS after one warm-up task, then 1 s after the last socket was welcomed",
@@ -602,7 +627,7 @@ async def run(
 
 
 def _targets(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    full = out["clients"] >= TARGET_SOCKETS
+    full = out["clients"] >= TARGET_SOCKETS and out.get("gateways", 1) == 1  # a target for one process
     per_socket = out.get("rss_kb_per_socket")
     p99 = out.get("round_trip", {}).get("p99_ms")
     return {
@@ -633,6 +658,9 @@ def bench_ws_cmd(
         str,
         typer.Option("--redis-url", help="Redis the run uses (under a prefix of its own, deleted after)."),
     ] = DEFAULT_REDIS_URL,
+    gateways: Annotated[int, typer.Option(
+        min=1, help="Gateway processes to spread the sockets over, round-robin (the socket and RSS "
+                    "targets are judged with one).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Sockets one gateway process holds and its RSS per 1,000, then submit-to-result p50/p99 through
@@ -640,7 +668,8 @@ def bench_ws_cmd(
     from shared.bus.cli import echo_json
     from shared.bus.cli import run as run_main
 
-    result = run_main(lambda: run(clients=clients, rate=rate, tasks=tasks, redis_url=redis_url))
+    result = run_main(lambda: run(clients=clients, rate=rate, tasks=tasks, redis_url=redis_url,
+                                  gateways=gateways))
     if as_json:
         echo_json(result)
     else:
@@ -652,7 +681,8 @@ def _print(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     rt = r["round_trip"]
-    t = Table(title=f"bench ws: {r['clients']} sockets, {r['tasks']} tasks at {r['rate']:g}/s")
+    t = Table(title=f"bench ws: {r['clients']} sockets on {r['gateways']} gateway(s), {r['tasks']} tasks "
+                    f"at {r['rate']:g}/s")
     t.add_column("")
     t.add_column("value", justify="right")
     rows = [
@@ -680,7 +710,7 @@ def _print(r: dict[str, Any]) -> None:
     console.print(t)
     for name, target in r["targets"].items():
         verdict = (
-            "n/a (needs --clients 10000)"
+            "n/a (needs --clients 10000 and one gateway)"
             if target["met"] is None
             else ("met" if target["met"] else "NOT met")
         )
@@ -692,7 +722,7 @@ def _print(r: dict[str, Any]) -> None:
 def _main() -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway.bench", description=__doc__)
     parser.add_argument("role", choices=["client"])
-    parser.add_argument("url")
+    parser.add_argument("urls", help="the gateways' WebSocket URLs, comma-separated")
     parser.add_argument("first", type=int)
     parser.add_argument("count", type=int)
     a = parser.parse_args()
@@ -700,7 +730,7 @@ def _main() -> None:
         import uvloop
 
         uvloop.install()
-    asyncio.run(_client(a.url, a.first, a.count))
+    asyncio.run(_client(a.urls.split(","), a.first, a.count))
 
 
 if __name__ == "__main__":

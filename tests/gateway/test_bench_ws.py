@@ -51,3 +51,18 @@ async def test_bench_ws_holds_every_socket_and_completes_every_task() -> None:
         assert [k async for k in redis.scan_iter(match=f"{result['prefix']}:*")] == []
     finally:
         await redis.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_bench_ws_over_two_gateways_spreads_the_sockets_and_completes_every_task() -> None:
+    result = await run(clients=40, rate=100, tasks=60, redis_url=REDIS_URL, gateways=2)
+
+    assert result["gateways"] == 2 and result["sockets_held"] == 40
+    # each gateway holds its half (and the warm-up socket that may still be attached)
+    assert [n // 10 * 10 for n in result["gateway_sessions"]["attached_each"]] == [20, 20]
+    rt = result["round_trip"]
+    # the round-trip sockets alternate between the gateways, so half the tasks cross from one to the other
+    assert rt["completed"] == 60 and rt["missing_results"] == 0 and rt["ok"] is True, result["logged"]
+    assert result["targets"]["sockets_held"]["met"] is None  # a one-process target
+    assert any("2 x `python -m shared.bus.cli gateway`" in note for note in result["notes"])
