@@ -6,6 +6,8 @@ the three consumers, and the CPU (in cores) the broker, the publisher and each c
     .venv/bin/python bench/raw_aiormq_latency.py                # aiormq, acks in bulk every 5 ms
     MODE=pika .venv/bin/python bench/raw_aiormq_latency.py      # aio-pika, one ack per message
     PERSIST=0 CONFIRM=0 QARGS='{"x-queue-version": 2}' .venv/bin/python bench/raw_aiormq_latency.py
+    # the shape of `events_amqp.py` today: quorum queues, acks in bulk every 25 ms
+    QARGS='{"x-queue-type": "quorum"}' ACK_MS=25 .venv/bin/python bench/raw_aiormq_latency.py
 """
 
 from __future__ import annotations
