@@ -68,6 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             asyncio.create_task(dispatcher.run(), name="dispatcher"),
             asyncio.create_task(_reap(hub, app.state.metrics), name="session-reaper"),
             asyncio.create_task(app.state.metrics.refresh_queues(dispatcher.queues), name="metrics"),
+            asyncio.create_task(app.state.metrics.sample_loop_lag(), name="loop-lag"),
         ]
         try:
             yield

@@ -417,6 +417,41 @@ async def _gateway_stats(bases: list[str], token: str) -> dict[str, Any]:
     return {**total, "attached_each": each}
 
 
+async def _loop_lag(bases: list[str]) -> dict[float, float]:
+    """The gateways' ``meetmesh_gateway_loop_lag_seconds`` histograms, added up: samples at or
+    under each bucket's bound (``inf``: all of them)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total: dict[float, float] = {}
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        for base in bases:
+            r = await http.get(f"{base}/metrics")
+            r.raise_for_status()
+            for family in text_string_to_metric_families(r.text):
+                if family.name != "meetmesh_gateway_loop_lag_seconds":
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_bucket"):
+                        bound = float(sample.labels["le"])
+                        total[bound] = total.get(bound, 0.0) + sample.value
+    return total
+
+
+def _lag_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """What the gateways' loop-lag samples say about the window between two `_loop_lag` readings:
+    how many, how many came over 5 and 10 ms late, and the bucket bound under which 99 % came."""
+    delta = {bound: after.get(bound, 0.0) - before.get(bound, 0.0) for bound in sorted(after)}
+    samples = delta.get(math.inf, 0.0)
+    p99 = next((bound for bound, n in delta.items() if samples and n >= 0.99 * samples), None)
+    return {
+        "samples": int(samples),
+        "over_5ms": int(samples - delta.get(0.005, 0.0)),
+        "over_10ms": int(samples - delta.get(0.01, 0.0)),
+        "p99_at_most_ms": None if p99 is None or p99 == math.inf else p99 * 1000,
+    }
+
+
 async def _drop_keys(redis_url: str, prefix: str) -> int:
     from shared.bus import connect
 
@@ -558,8 +593,10 @@ async def run(
             await clients_[0].tell({"cmd": "round_trips", "tasks": tasks, "rate": rate, "sockets": subset})
             await clients_[0].read("measuring", 120)
             cpu2, wall2 = (sum(map(_cpu_s, pids)), _cpu_s(worker.pid)), time.monotonic()
+            lag2 = await _loop_lag(bases)
             await clients_[0].read("measured", 60 + 2 * tasks / rate)
             cpu3, wall3 = (sum(map(_cpu_s, pids)), _cpu_s(worker.pid)), time.monotonic()
+            lag3 = await _loop_lag(bases)
             rt = await clients_[0].read("round_trips", 60)
             completed = rt["completed"]
             out["round_trip"] = {
@@ -583,6 +620,9 @@ async def run(
                 "gateway_cpu_pct": round((cpu3[0] - cpu2[0]) * 100 / (wall3 - wall2), 1),
                 "gateway_cpu_us_per_task": round((cpu3[0] - cpu2[0]) * 1e6 / tasks, 1),
                 "worker_cpu_us_per_task": round((cpu3[1] - cpu2[1]) * 1e6 / tasks, 1),
+                # how late the gateways' event loops ran a timer due every 20 ms, meanwhile: the
+                # part of the round trip's tail spent waiting in a gateway
+                "gateway_loop_lag": _lag_summary(lag2, lag3),
                 "ok": completed == tasks and rt["error_count"] == 0,
             }
 
@@ -619,6 +659,8 @@ async def run(
         f"sockets: {processes} client process(es), websockets with permessage-deflate offered (as "
         "browsers do), no client pings; each counted once its welcome frame arrived",
         "rss: the gateway's VmRSS after one warm-up task, then 1 s after the last socket was welcomed",
+        "gateway_loop_lag: the gateways' meetmesh_gateway_loop_lag_seconds over the round-trip phase "
+        "(a timer due every 20 ms; how late it ran)",
         f"round trip: after {WARMUP_TASKS} warm-up tasks; from just before the submit frame is sent to its "
         "result frame, in the first client process; to_accepted / to_processing: to its accepted frame "
         "/ to its processing status frame",
@@ -703,6 +745,11 @@ def _print(r: dict[str, Any]) -> None:
         ("to processing p50 / p99, ms", f"{rt['to_processing']['p50_ms']} / {rt['to_processing']['p99_ms']}"),
         ("gateway CPU per task, µs (busy %)", f"{rt['gateway_cpu_us_per_task']} ({rt['gateway_cpu_pct']}%)"),
         ("worker CPU per task, µs", str(rt["worker_cpu_us_per_task"])),
+        (
+            "gateway loop lag: samples, over 5 / 10 ms, p99 <=",
+            f"{rt['gateway_loop_lag']['samples']}, {rt['gateway_loop_lag']['over_5ms']} / "
+            f"{rt['gateway_loop_lag']['over_10ms']}, {rt['gateway_loop_lag']['p99_at_most_ms']} ms",
+        ),
     ]
     for row in rows:
         t.add_row(*row)
