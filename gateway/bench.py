@@ -50,6 +50,7 @@ LATENCY_SOCKETS = 100  # held sockets the round-trip phase submits over, round-r
 PER_PROCESS = 2_500  # sockets per client process
 CONNECTING = 50  # handshakes in flight per client process
 WARMUP_TASKS = 50
+LAG_EVERY = 0.02  # seconds: the client samples its event loop's lag as the gateway does
 SPARE_FILES = 1_000  # descriptors beyond one per socket: Redis pools, logs, the listener
 
 noop_router = Router()
@@ -137,6 +138,15 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
             await sockets[i % len(sockets)].send(frame)
         return time.perf_counter() - start, lag
 
+    late: list[float] = []  # how late this process's loop ran a timer due every 20 ms (ms)
+
+    async def sample_lag() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + LAG_EVERY
+            await asyncio.sleep(LAG_EVERY)
+            late.append(max(0.0, loop.time() - asked) * 1000.0)
+
     readers = [asyncio.create_task(read(ws)) for ws in sockets]
     try:
         await send(WARMUP_TASKS, 0, min(rate, 200.0))  # warms the worker, the relay and both ends' code
@@ -145,6 +155,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
         warm = len(results)
         await asyncio.sleep(0.5)
         _emit({"event": "measuring"})
+        readers.append(asyncio.create_task(sample_lag()))
         took, lag = await send(tasks, WARMUP_TASKS, rate)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 30 + tasks / rate)
@@ -182,6 +193,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
         "processing_ms": to_processing,
         "errors": errors[:5],
         "error_count": len(errors),
+        "client_loop_lag_ms": late,
     }
 
 
@@ -452,6 +464,18 @@ def _lag_summary(before: dict[float, float], after: dict[float, float]) -> dict[
     }
 
 
+def _late_summary(late_ms: list[float]) -> dict[str, Any]:
+    """`_lag_summary`'s figures from raw lateness samples (ms)."""
+    ordered = sorted(late_ms)
+    p99 = percentile(ordered, 99)
+    return {
+        "samples": len(ordered),
+        "over_5ms": sum(x > 5 for x in ordered),
+        "over_10ms": sum(x > 10 for x in ordered),
+        "p99_ms": None if p99 is None else round(p99, 3),
+    }
+
+
 async def _drop_keys(redis_url: str, prefix: str) -> int:
     from shared.bus import connect
 
@@ -623,6 +647,8 @@ async def run(
                 # how late the gateways' event loops ran a timer due every 20 ms, meanwhile: the
                 # part of the round trip's tail spent waiting in a gateway
                 "gateway_loop_lag": _lag_summary(lag2, lag3),
+                # the same, in the measuring client process: its own waits count in every figure
+                "client_loop_lag": _late_summary(rt["client_loop_lag_ms"]),
                 "ok": completed == tasks and rt["error_count"] == 0,
             }
 
@@ -660,7 +686,7 @@ async def run(
         "browsers do), no client pings; each counted once its welcome frame arrived",
         "rss: the gateway's VmRSS after one warm-up task, then 1 s after the last socket was welcomed",
         "gateway_loop_lag: the gateways' meetmesh_gateway_loop_lag_seconds over the round-trip phase "
-        "(a timer due every 20 ms; how late it ran)",
+        "(a timer due every 20 ms; how late it ran); client_loop_lag: the same in the measuring client",
         f"round trip: after {WARMUP_TASKS} warm-up tasks; from just before the submit frame is sent to its "
         "result frame, in the first client process; to_accepted / to_processing: to its accepted frame "
         "/ to its processing status frame",
@@ -749,6 +775,11 @@ def _print(r: dict[str, Any]) -> None:
             "gateway loop lag: samples, over 5 / 10 ms, p99 <=",
             f"{rt['gateway_loop_lag']['samples']}, {rt['gateway_loop_lag']['over_5ms']} / "
             f"{rt['gateway_loop_lag']['over_10ms']}, {rt['gateway_loop_lag']['p99_at_most_ms']} ms",
+        ),
+        (
+            "client loop lag: samples, over 5 / 10 ms, p99",
+            f"{rt['client_loop_lag']['samples']}, {rt['client_loop_lag']['over_5ms']} / "
+            f"{rt['client_loop_lag']['over_10ms']}, {rt['client_loop_lag']['p99_ms']} ms",
         ),
     ]
     for row in rows:

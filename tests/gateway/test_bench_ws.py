@@ -41,6 +41,9 @@ async def test_bench_ws_holds_every_socket_and_completes_every_task() -> None:
     assert rt["to_accepted"]["p50_ms"] <= rt["p50_ms"]
     lag = rt["gateway_loop_lag"]  # sampled every 20 ms over a window of about a second
     assert lag["samples"] >= 10 and 0 <= lag["over_10ms"] <= lag["over_5ms"] <= lag["samples"]
+    client = rt["client_loop_lag"]
+    assert client["samples"] >= 10 and 0 <= client["over_10ms"] <= client["over_5ms"] <= client["samples"]
+    assert client["p99_ms"] >= 0
     assert LATENCY_KEYS <= set(rt["to_processing"])  # empty (None) only if no status frame came
 
     assert set(result["targets"]) == {"sockets_held", "rss_kb_per_socket", "p99_ms"}
