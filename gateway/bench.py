@@ -46,6 +46,7 @@ TARGET_SOCKETS = 10_000
 TARGET_KB_PER_SOCKET = 100.0
 TARGET_P99_MS = 10.0
 TASK_TYPE = "ai.chat"
+NOOP_QUEUE = "ai"  # the queue TASK_TYPE routes to, which the no-op worker serves
 LATENCY_SOCKETS = 100  # held sockets the round-trip phase submits over, round-robin
 PER_PROCESS = 2_500  # sockets per client process
 CONNECTING = 50  # handshakes in flight per client process
@@ -168,6 +169,8 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
     to_accepted: list[float] = []
     to_processing: list[float] = []
     statuses: dict[str, int] = {}
+    wall = time.time() - time.perf_counter()  # perf_counter -> epoch seconds, to set beside Redis's clock
+    traces: list[tuple[str, float, float]] = []  # completed tasks: id, sent and result, epoch ms
     for i in range(WARMUP_TASKS, WARMUP_TASKS + tasks):
         request = f"r{i}"
         if request not in accepted:
@@ -180,6 +183,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
             done, status = results[task_id]
             statuses[status] = statuses.get(status, 0) + 1
             round_trip.append((done - sent[request]) * 1000.0)
+            traces.append((task_id, (sent[request] + wall) * 1000.0, (done + wall) * 1000.0))
     return {
         "warmup_completed": warm,
         "sent": tasks,
@@ -194,6 +198,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
         "errors": errors[:5],
         "error_count": len(errors),
         "client_loop_lag_ms": late,
+        "traces": traces,
     }
 
 
@@ -476,6 +481,39 @@ def _late_summary(late_ms: list[float]) -> dict[str, Any]:
     }
 
 
+async def _segments(redis_url: str, prefix: str, traces: list[list[Any]]) -> dict[str, Any]:
+    """Where the round trips' time went, from each task's record (server times, in ms) set beside
+    the client's clock (the same host's): ``ingress`` (submit frame sent -> enqueued in Redis, through
+    the gateway), ``queued`` (-> a worker took it), ``running`` (-> settled: the handler and the
+    settle's batching), ``egress`` (-> its
+    result frame arrived: settle, relay, gateway). p50 / p99 in ms, to the server's 1 ms resolution."""
+    from shared.bus import connect
+    from shared.bus.keys import QueueKeys
+
+    keys = QueueKeys(NOOP_QUEUE, prefix)
+    redis = await connect(redis_url)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for task_id, _, _ in traces:
+                pipe.hmget(keys.task(task_id), ["enq", "started", "finished"])
+            stamps = await pipe.execute()
+    finally:
+        await redis.aclose()
+    parts: dict[str, list[float]] = {"ingress": [], "queued": [], "running": [], "egress": []}
+    for (_, sent, done), (enq, began, finished) in zip(traces, stamps, strict=True):
+        if not (enq and began and finished):
+            continue
+        enq_ms, began_ms, finished_ms = int(enq), int(began), int(finished)
+        for name, value in (("ingress", enq_ms - sent), ("queued", began_ms - enq_ms),
+                            ("running", finished_ms - began_ms), ("egress", done - finished_ms)):
+            parts[name].append(value)
+    out: dict[str, Any] = {}
+    for name, values in parts.items():
+        ordered = sorted(values)
+        out[name] = {"p50_ms": _ms(percentile(ordered, 50)), "p99_ms": _ms(percentile(ordered, 99))}
+    return out
+
+
 async def _drop_keys(redis_url: str, prefix: str) -> int:
     from shared.bus import connect
 
@@ -552,7 +590,8 @@ async def run(
             children.extend(gws)
             worker = await _Child.spawn(
                 "worker",
-                [py, "-m", "shared.bus.cli", "worker", "--queue", "ai", "--app", "gateway.bench:noop_router"],
+                [py, "-m", "shared.bus.cli", "worker", "--queue", NOOP_QUEUE,
+                 "--app", "gateway.bench:noop_router"],
                 env,
                 work,
             )
@@ -637,6 +676,7 @@ async def run(
                 # the same clock, to the task's accepted frame and to its "processing" status frame
                 "to_accepted": _summary(rt["accepted_ms"]),
                 "to_processing": _summary(rt["processing_ms"]),
+                "segments": await _segments(redis_url, prefix, rt["traces"]),
                 "errors": rt["errors"],
                 "error_count": rt["error_count"],
                 # from the first measured submit to the last result (or the wait's end), all of the
@@ -687,6 +727,9 @@ async def run(
         "rss: the gateway's VmRSS after one warm-up task, then 1 s after the last socket was welcomed",
         "gateway_loop_lag: the gateways' meetmesh_gateway_loop_lag_seconds over the round-trip phase "
         "(a timer due every 20 ms; how late it ran); client_loop_lag: the same in the measuring client",
+        "segments: each completed task's record times (Redis's clock, 1 ms resolution) set beside the "
+        "client's: ingress = sent -> enqueued, queued -> taken by the worker, running -> settled, egress -> "
+        "result frame",
         f"round trip: after {WARMUP_TASKS} warm-up tasks; from just before the submit frame is sent to its "
         "result frame, in the first client process; to_accepted / to_processing: to its accepted frame "
         "/ to its processing status frame",
@@ -775,6 +818,10 @@ def _print(r: dict[str, Any]) -> None:
             "gateway loop lag: samples, over 5 / 10 ms, p99 <=",
             f"{rt['gateway_loop_lag']['samples']}, {rt['gateway_loop_lag']['over_5ms']} / "
             f"{rt['gateway_loop_lag']['over_10ms']}, {rt['gateway_loop_lag']['p99_at_most_ms']} ms",
+        ),
+        *(
+            (f"{name} p50 / p99, ms", f"{part['p50_ms']} / {part['p99_ms']}")
+            for name, part in rt["segments"].items()
         ),
         (
             "client loop lag: samples, over 5 / 10 ms, p99",

@@ -41,6 +41,12 @@ async def test_bench_ws_holds_every_socket_and_completes_every_task() -> None:
     assert rt["to_accepted"]["p50_ms"] <= rt["p50_ms"]
     lag = rt["gateway_loop_lag"]  # sampled every 20 ms over a window of about a second
     assert lag["samples"] >= 10 and 0 <= lag["over_10ms"] <= lag["over_5ms"] <= lag["samples"]
+    segments = rt["segments"]  # each task's record times beside the client's clock
+    assert set(segments) == {"ingress", "queued", "running", "egress"}
+    for part in segments.values():
+        assert part["p50_ms"] is not None and part["p50_ms"] <= part["p99_ms"]
+    # the parts add up to about the whole (each is rounded to Redis's milliseconds)
+    assert sum(part["p50_ms"] for part in segments.values()) <= rt["p99_ms"] + 4
     client = rt["client_loop_lag"]
     assert client["samples"] >= 10 and 0 <= client["over_10ms"] <= client["over_5ms"] <= client["samples"]
     assert client["p99_ms"] >= 0
