@@ -172,6 +172,7 @@ class Relay:
         self._grouped = False
         self._stopping = asyncio.Event()
         self._stop_wait: asyncio.Task[Any] | None = None  # one `_stopping.wait()` for every blocking read
+        self._acking: asyncio.Future[None] | None = None  # the last batch's acknowledgement
         self.local: Callable[[TaskUpdate], None] | None = None
 
     @property
@@ -304,7 +305,7 @@ class Relay:
                         await sending  # raises if the last batch failed
                         sending = None
                     if backlog:  # reading "0" again must not find this batch still unacknowledged
-                        await self._complete(batch)
+                        await self._complete(batch, ack_now=True)
                     else:
                         sending = asyncio.ensure_future(self._complete(batch))
                     batch = None
@@ -323,6 +324,9 @@ class Relay:
             if sending is not None:  # the batch being relayed is completed and acknowledged
                 with contextlib.suppress(Exception):
                     await sending
+            if self._acking is not None:
+                await asyncio.gather(self._acking, return_exceptions=True)
+                self._acking = None
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
@@ -388,8 +392,9 @@ class Relay:
             batch.acked.setdefault(stream, []).append(entry_id)
         return batch
 
-    async def _complete(self, batch: _Batch) -> None:
-        """Broadcast a batch's updates (and publish its status events), then acknowledge its entries.
+    async def _complete(self, batch: _Batch, *, ack_now: bool = False) -> None:
+        """Broadcast a batch's updates (and publish its status events), then acknowledge its entries:
+        at once with ``ack_now`` (the backlog, read again from "0"), else in the background.
 
         An unreachable backend stops the batch, unacknowledged: it is read again from the backlog,
         and gateways drop the repeats (`SeqFilter`); no status event is lost either.
@@ -406,13 +411,33 @@ class Relay:
         finally:
             for task_id in batch.finished:
                 self._tasks.pop(task_id, None)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if batch.finished:
-                    pipe.zrem(self.keys.deadlines, *batch.finished)
-                for stream, ids in batch.acked.items():
-                    pipe.xack(stream, RELAY_GROUP, *ids)
-                if len(pipe):
-                    await pipe.execute()
+        if ack_now:
+            await self._acknowledge(batch)
+        else:
+            # In the background: the next batch waits for this one's broadcasts (their order),
+            # not for its acks, which took a round trip of every read's cycle.
+            self._acking = asyncio.ensure_future(self._acknowledge_after(batch, self._acking))
+
+    async def _acknowledge(self, batch: _Batch) -> None:
+        """Acknowledge a broadcast batch's entries and drop its finished tasks' deadlines."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if batch.finished:
+                pipe.zrem(self.keys.deadlines, *batch.finished)
+            for stream, ids in batch.acked.items():
+                pipe.xack(stream, RELAY_GROUP, *ids)
+            if len(pipe):
+                await pipe.execute()
+
+    async def _acknowledge_after(self, batch: _Batch, before: asyncio.Future[None] | None) -> None:
+        """`_acknowledge`, after the batch before it. A failure is logged: the entries stay pending,
+        and are relayed again (receivers drop the repeats) when the relay next reads its backlog."""
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
+        try:
+            await self._acknowledge(batch)
+        except Exception as exc:
+            log.warning("task relay: acknowledging %d entries failed (relayed again later): %r",
+                        sum(map(len, batch.acked.values())), exc)
 
     def _hand_local(self, update: TaskUpdate) -> None:
         assert self.local is not None

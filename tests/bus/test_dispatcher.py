@@ -666,6 +666,43 @@ async def test_a_new_leader_first_relays_what_the_last_one_left_unacknowledged(
     assert (await redis.xinfo_groups(queue.keys.events))[0]["pending"] == 0
 
 
+async def test_a_failed_acknowledgement_is_logged_and_its_entries_come_again_from_the_backlog(
+        make_dispatcher: MakeDispatcher, make_bus: Any, redis: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Acks go out in the background, after the batch is broadcast: one that fails leaves its entries
+    pending without stopping the relay, and the next leader's backlog read relays them again."""
+    bus = await make_bus()
+    listener = bus.listen("task.>")
+    d = make_dispatcher(events=bus)
+    assert d.relay is not None
+    queue = d.queues["user"]
+    real, lost = d.relay._acknowledge, []
+
+    async def lose_the_first(batch: Any) -> None:
+        if not lost:
+            lost.extend(batch.acked.get(queue.keys.events, []))
+            raise redis_errors.ConnectionError("the acknowledgement's reply was lost")
+        await real(batch)
+
+    monkeypatch.setattr(d.relay, "_acknowledge", lose_the_first)
+    with caplog.at_level(logging.WARNING, logger="shared.bus.relay"):
+        async with running(d):
+            first = await d.submit(owner="alice", type="user.profile.update")
+            await d.cancel(first.task_id)
+            await collect(listener, {first.task_id})
+            second = await d.submit(owner="bob", type="user.profile.update")
+            await d.cancel(second.task_id)
+            await collect(listener, {second.task_id})  # relaying went on
+    assert "acknowledging" in caplog.text and lost
+    assert (await redis.xinfo_groups(queue.keys.events))[0]["pending"] == len(lost)
+
+    successor = make_dispatcher(events=bus)
+    async with running(successor):
+        again = [TaskUpdate.model_validate((await listener.get(timeout=WAIT)).data) for _ in lost]
+    assert [u.seq for u in again] == lost  # the same entries, in order
+    assert (await redis.xinfo_groups(queue.keys.events))[0]["pending"] == 0
+
+
 def test_seq_filter_drops_repeats_and_compares_ids_as_numbers() -> None:
     def update(task_id: str, seq: str | None) -> TaskUpdate:
         return TaskUpdate(task_id=task_id, queue="ai", type="ai.chat", owner="alice",
