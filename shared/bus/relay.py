@@ -280,14 +280,15 @@ class Relay:
     async def _lead(self) -> None:
         """Relay while the lease is held: pending entries of ``leader`` first, then new ones.
 
-        Once past the backlog, reading the next batch overlaps broadcasting and acknowledging the
-        last one (`_Batch`): an update waits for one read round trip, not three. Broadcasts keep
-        stream order all the same: a batch is broadcast only once the one before it was, and a
-        failure drops the batch read meanwhile (unacknowledged: read again from the backlog).
+        Once past the backlog, reading the next batch overlaps broadcasting the last one
+        (`_Batch`), and acknowledging goes on in the background: an update waits for one read
+        round trip, not three. Broadcasts keep stream order all the same: a batch is broadcast
+        only once the one before it was, and a failure drops the batch read meanwhile
+        (unacknowledged: read again from the backlog).
         """
         heartbeat = asyncio.create_task(self._keep_lease(), name="relay-lease")
         failures, backlog = 0, True
-        sending: asyncio.Future[None] | None = None  # the last batch, being broadcast and acknowledged
+        sending: asyncio.Future[None] | None = None  # the last batch, being broadcast
         try:
             while self.leading and not self._stopping.is_set():
                 batch: _Batch | None = None
