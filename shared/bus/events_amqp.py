@@ -27,7 +27,7 @@ handles them in order and acknowledges in bulk.
 Quorum queues rather than classic ones, for the services' queues and dead letters: every message
 is on disk (a Raft log, fsynced before the publish is confirmed), and on this two-core machine
 they took less of the broker's CPU than persistent messages in classic queues (0.59-0.68 of a core
-against 0.76-0.79 at 1,000 events/s to three services) with a lower p99 in all five paired runs of
+against 0.76-0.79 at 1,000 events/s to three services) with a lower p99 in four of five paired runs of
 ``bench/raw_aiormq_latency.py`` (4.2-8.7 ms against 7.5-17.5). They also need RabbitMQ 3.10 or
 later for the retention by age (``x-message-ttl``).
 
