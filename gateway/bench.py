@@ -41,6 +41,8 @@ import typer
 from shared.bus import ConfigError, Context, Router
 from shared.bus.records import percentile
 
+from .metrics import sample_loop_lag
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/8"  # db 8 for benches; the tests use db 9
 TARGET_SOCKETS = 10_000
 TARGET_KB_PER_SOCKET = 100.0
@@ -51,7 +53,6 @@ LATENCY_SOCKETS = 100  # held sockets the round-trip phase submits over, round-r
 PER_PROCESS = 2_500  # sockets per client process
 CONNECTING = 50  # handshakes in flight per client process
 WARMUP_TASKS = 50
-LAG_EVERY = 0.02  # seconds: the client samples its event loop's lag as the gateway does
 SPARE_FILES = 1_000  # descriptors beyond one per socket: Redis pools, logs, the listener
 
 noop_router = Router()
@@ -139,14 +140,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
             await sockets[i % len(sockets)].send(frame)
         return time.perf_counter() - start, lag
 
-    late: list[float] = []  # how late this process's loop ran a timer due every 20 ms (ms)
-
-    async def sample_lag() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            asked = loop.time() + LAG_EVERY
-            await asyncio.sleep(LAG_EVERY)
-            late.append(max(0.0, loop.time() - asked) * 1000.0)
+    late: list[float] = []  # how late this process's loop ran a timer, ms (as the gateway's metric)
 
     readers = [asyncio.create_task(read(ws)) for ws in sockets]
     try:
@@ -156,7 +150,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
         warm = len(results)
         await asyncio.sleep(0.5)
         _emit({"event": "measuring"})
-        readers.append(asyncio.create_task(sample_lag()))
+        readers.append(asyncio.create_task(sample_loop_lag(lambda lag: late.append(lag * 1000.0))))
         took, lag = await send(tasks, WARMUP_TASKS, rate)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_in.wait(), 30 + tasks / rate)

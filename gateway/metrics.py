@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,6 +14,16 @@ from shared.bus import Priority
 log = logging.getLogger(__name__)
 LAG_EVERY = 0.02  # seconds between the event-loop lag samples: 50 wakeups a second, ~0.1 % of a core
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+async def sample_loop_lag(observe: Callable[[float], None], every: float = LAG_EVERY) -> None:
+    """Call ``observe(seconds)`` every ``every`` seconds with how much later than asked the event loop
+    woke us: a process busy (or starved of CPU) for 10 ms shows as samples of up to 10 ms."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + every
+        await asyncio.sleep(every)
+        observe(max(0.0, loop.time() - asked))
 
 
 class Metrics:
@@ -54,13 +65,8 @@ class Metrics:
         )
 
     async def sample_loop_lag(self, every: float = LAG_EVERY) -> None:
-        """Observe, every ``every`` seconds, how much later than asked the event loop woke us: a
-        gateway busy (or starved of CPU) for 10 ms shows as samples of up to 10 ms."""
-        loop = asyncio.get_running_loop()
-        while True:
-            asked = loop.time() + every
-            await asyncio.sleep(every)
-            self.loop_lag.observe(max(0.0, loop.time() - asked))
+        """Keep ``meetmesh_gateway_loop_lag_seconds`` current (see `sample_loop_lag`)."""
+        await sample_loop_lag(self.loop_lag.observe, every)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
