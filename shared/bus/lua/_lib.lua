@@ -186,7 +186,7 @@ local function settle_from(first, ttl, ratep)
         requeue(key, id, f[3], tonumber(b))
         counts.retried = counts.retried + 1
         emit(Q.events, Q.maxlen, id, 'queued', f[4], f[5],
-          {'reason', 'retry', 'attempts', f[7], 'retry_in_ms', b, 'error', a})
+          {'reason', 'retry', 'attempts', f[7], 'retry_in_ms', b, 'due', int(now + tonumber(b)), 'error', a})
       elseif outcome == 'fail' then
         bury(id, b, f[4], f[5], a, now)  -- bury counts it in stats
         counts.failed = counts.failed + 1
