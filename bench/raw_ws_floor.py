@@ -34,6 +34,7 @@ TASKS = int(os.environ.get("TASKS", "5000"))
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/8")
 PREFIX = os.environ.get("FLOOR_PREFIX", f"floor-{uuid.uuid4().hex[:8]}")
 QUEUE, STREAM = f"{PREFIX}:q", f"{PREFIX}:s"
+ME = str(Path(__file__).resolve())
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def make_app() -> Any:
                 continue
             task_id = uuid.uuid4().hex
             owners[task_id] = (send, seq)
-            await redis.lpush(QUEUE, json.dumps({"id": task_id, "type": frame["task"], "data": frame["data"]}))
+            task = {"id": task_id, "type": frame["task"], "data": frame["data"]}
+            await redis.lpush(QUEUE, json.dumps(task))  # type: ignore[misc]
             seq[0] += 1
             await send({"type": "websocket.send", "text": json.dumps(
                 {"type": "accepted", "id": frame["id"], "task_id": task_id, "status": "queued",
@@ -146,7 +148,7 @@ async def run() -> dict[str, Any]:
     _raise_file_limit(CLIENTS)
     port = _free_port()
     env = {**os.environ, "MEETMESH_JWT_SECRET": "floor", "FLOOR_PREFIX": PREFIX}
-    py, me = sys.executable, str(Path(__file__).resolve())
+    py, me = sys.executable, ME
     children: list[Any] = []
     out: dict[str, Any] = {"clients": CLIENTS, "rate": RATE, "tasks": TASKS}
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
@@ -166,8 +168,8 @@ async def run() -> dict[str, Any]:
             clients, first = [], 0
             while first < CLIENTS:
                 share = min(per, CLIENTS - first)
-                child = await _Child.spawn(f"client-{first}", [py, "-m", "gateway.bench", "client", url,
-                                                                str(first), str(share)], env, work_dir, pipes=True)
+                argv = [py, "-m", "gateway.bench", "client", url, str(first), str(share)]
+                child = await _Child.spawn(f"client-{first}", argv, env, work_dir, pipes=True)
                 children.append(child)
                 clients.append(child)
                 first += share

@@ -370,6 +370,55 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _machine_jiffies() -> tuple[int, int] | None:
+    """Busy and total CPU time of the whole machine, in clock ticks (/proc/stat), or None off Linux."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, first[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+async def _redis_cpu_s(redis_url: str) -> float:
+    """Redis's own CPU time so far (user + system, all its threads), from INFO cpu."""
+    from shared.bus import connect
+
+    redis = await connect(redis_url)
+    try:
+        info = await redis.info("cpu")
+    finally:
+        await redis.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _cpu_now(pids: list[int], worker: int, client: int, redis_url: str) -> dict[str, Any]:
+    """CPU used so far by the gateways (summed), the worker, the measuring client and Redis, the
+    machine's busy and total ticks, and the monotonic time: two of these frame a window."""
+    return {"gateways": sum(map(_cpu_s, pids)), "worker": _cpu_s(worker), "client": _cpu_s(client),
+            "redis": await _redis_cpu_s(redis_url), "machine": _machine_jiffies(), "at": time.monotonic()}
+
+
+def _cpu_window(before: dict[str, Any], after: dict[str, Any], tasks: int) -> dict[str, Any]:
+    """What each process of the path cost per task over the window, and how busy the machine was."""
+    wall = after["at"] - before["at"]
+    per_task = {f"{name}_cpu_us_per_task": round((after[name] - before[name]) * 1e6 / tasks, 1)
+                for name in ("worker", "client", "redis")}
+    out: dict[str, Any] = {
+        "gateway_cpu_pct": round((after["gateways"] - before["gateways"]) * 100 / wall, 1),
+        "gateway_cpu_us_per_task": round((after["gateways"] - before["gateways"]) * 1e6 / tasks, 1),
+        **per_task,
+        "machine_busy_cores": None,
+    }
+    if before["machine"] is not None and after["machine"] is not None:
+        busy = after["machine"][0] - before["machine"][0]
+        total = after["machine"][1] - before["machine"][1]
+        if total > 0:
+            out["machine_busy_cores"] = round(busy / total * (os.cpu_count() or 1), 2)
+    return out
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -649,10 +698,10 @@ async def run(
                 raise RuntimeError("the first client process holds no socket to submit over")
             await clients_[0].tell({"cmd": "round_trips", "tasks": tasks, "rate": rate, "sockets": subset})
             await clients_[0].read("measuring", 120)
-            cpu2, wall2 = (sum(map(_cpu_s, pids)), _cpu_s(worker.pid)), time.monotonic()
+            cpu2 = await _cpu_now(pids, worker.pid, clients_[0].pid, redis_url)
             lag2 = await _loop_lag(bases)
             await clients_[0].read("measured", 60 + 2 * tasks / rate)
-            cpu3, wall3 = (sum(map(_cpu_s, pids)), _cpu_s(worker.pid)), time.monotonic()
+            cpu3 = await _cpu_now(pids, worker.pid, clients_[0].pid, redis_url)
             lag3 = await _loop_lag(bases)
             rt = await clients_[0].read("round_trips", 60)
             completed = rt["completed"]
@@ -673,11 +722,10 @@ async def run(
                 "segments": await _segments(redis_url, prefix, rt["traces"]),
                 "errors": rt["errors"],
                 "error_count": rt["error_count"],
-                # from the first measured submit to the last result (or the wait's end), all of the
-                # process's work in that time (also pings of the held sockets)
-                "gateway_cpu_pct": round((cpu3[0] - cpu2[0]) * 100 / (wall3 - wall2), 1),
-                "gateway_cpu_us_per_task": round((cpu3[0] - cpu2[0]) * 1e6 / tasks, 1),
-                "worker_cpu_us_per_task": round((cpu3[1] - cpu2[1]) * 1e6 / tasks, 1),
+                # from the first measured submit to the last result (or the wait's end), all of each
+                # process's work in that time (the gateway's pings of the held sockets too; all of
+                # Redis's, whoever asked), and how many of the machine's cores were busy meanwhile
+                **_cpu_window(cpu2, cpu3, tasks),
                 # how late the gateways' event loops ran a timer due every 20 ms, meanwhile: the
                 # part of the round trip's tail spent waiting in a gateway
                 "gateway_loop_lag": _lag_summary(lag2, lag3),
@@ -719,6 +767,8 @@ async def run(
         f"sockets: {processes} client process(es), websockets with permessage-deflate offered (as "
         "browsers do), no client pings; each counted once its welcome frame arrived",
         "rss: the gateway's VmRSS after one warm-up task, then 1 s after the last socket was welcomed",
+        "cpu: per task over the round-trip phase, of the gateways, the worker, the measuring client "
+        "and Redis (INFO cpu: all its work then); machine_busy_cores from /proc/stat (every process)",
         "gateway_loop_lag: the gateways' meetmesh_gateway_loop_lag_seconds over the round-trip phase "
         "(a timer due every 20 ms; how late it ran); client_loop_lag: the same in the measuring client",
         "segments: each completed task's record times (Redis's clock, 1 ms resolution) set beside the "
@@ -807,7 +857,9 @@ def _print(r: dict[str, Any]) -> None:
         ("to accepted p50 / p99, ms", f"{rt['to_accepted']['p50_ms']} / {rt['to_accepted']['p99_ms']}"),
         ("to processing p50 / p99, ms", f"{rt['to_processing']['p50_ms']} / {rt['to_processing']['p99_ms']}"),
         ("gateway CPU per task, µs (busy %)", f"{rt['gateway_cpu_us_per_task']} ({rt['gateway_cpu_pct']}%)"),
-        ("worker CPU per task, µs", str(rt["worker_cpu_us_per_task"])),
+        ("worker / Redis / measuring client CPU per task, µs",
+         f"{rt['worker_cpu_us_per_task']} / {rt['redis_cpu_us_per_task']} / {rt['client_cpu_us_per_task']}"),
+        ("machine: busy cores (of all)", f"{rt['machine_busy_cores']} (of {os.cpu_count()})"),
         (
             "gateway loop lag: samples, over 5 / 10 ms, p99 <=",
             f"{rt['gateway_loop_lag']['samples']}, {rt['gateway_loop_lag']['over_5ms']} / "

@@ -51,6 +51,11 @@ async def test_bench_ws_holds_every_socket_and_completes_every_task() -> None:
     assert client["samples"] >= 10 and 0 <= client["over_10ms"] <= client["over_5ms"] <= client["samples"]
     assert client["p99_ms"] >= 0
     assert LATENCY_KEYS <= set(rt["to_processing"])  # empty (None) only if no status frame came
+    # what each process of the path cost per task (/proc counts in 10 ms ticks: a second of 100 small
+    # tasks may show none for the worker or the client), and how busy the machine was
+    assert rt["gateway_cpu_us_per_task"] > 0 and rt["redis_cpu_us_per_task"] > 0
+    assert rt["worker_cpu_us_per_task"] >= 0 and rt["client_cpu_us_per_task"] >= 0
+    assert 0 < rt["machine_busy_cores"] <= (os.cpu_count() or 1)
 
     assert set(result["targets"]) == {"sockets_held", "rss_kb_per_socket", "p99_ms"}
     assert result["targets"]["sockets_held"]["met"] is None  # judged only at 10,000 clients
