@@ -13,7 +13,8 @@ libraries and the same measuring client, and nothing of MeetMesh's in between.
 
     .venv/bin/python bench/raw_ws_floor.py                  # CLIENTS=10000 RATE=1000 TASKS=5000
 
-Prints JSON: round trip p50 / p99 and the server's and worker's CPU per task.
+Prints JSON: round trip p50 / p99, CPU per task of the server, the worker, the measuring client and
+Redis, and the machine's busy cores, as `meetmesh bench ws` reports them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -135,15 +135,10 @@ async def work() -> None:
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run() -> dict[str, Any]:
     import httpx
 
-    from gateway.bench import _Child, _free_port, _raise_file_limit, _summary
+    from gateway.bench import _Child, _cpu_now, _cpu_window, _free_port, _raise_file_limit, _summary
 
     _raise_file_limit(CLIENTS)
     port = _free_port()
@@ -177,17 +172,16 @@ async def run() -> dict[str, Any]:
             out["sockets_held"] = sum(h["held"] for h in held)
             await clients[0].tell({"cmd": "round_trips", "tasks": TASKS, "rate": RATE, "sockets": 100})
             await clients[0].read("measuring", 120)
-            cpu0, t0 = (_cpu_s(server.pid), _cpu_s(worker.pid)), time.monotonic()
+            cpu0 = await _cpu_now([server.pid], worker.pid, clients[0].pid, REDIS_URL)
             await clients[0].read("measured", 60 + 2 * TASKS / RATE)
-            cpu1, t1 = (_cpu_s(server.pid), _cpu_s(worker.pid)), time.monotonic()
+            cpu1 = await _cpu_now([server.pid], worker.pid, clients[0].pid, REDIS_URL)
             rt = await clients[0].read("round_trips", 60)
             out["round_trip"] = {
                 "completed": rt["completed"], "errors": rt["error_count"],
                 **_summary(rt["round_trip_ms"]),
                 "to_accepted": _summary(rt["accepted_ms"]),
-                "server_cpu_us_per_task": round((cpu1[0] - cpu0[0]) * 1e6 / TASKS, 1),
-                "server_cpu_pct": round((cpu1[0] - cpu0[0]) * 100 / (t1 - t0), 1),
-                "worker_cpu_us_per_task": round((cpu1[1] - cpu0[1]) * 1e6 / TASKS, 1),
+                # as `meetmesh bench ws` reports them ("gateway" is the server here)
+                **_cpu_window(cpu0, cpu1, TASKS),
             }
             for c in clients:
                 await c.tell({"cmd": "close"})
