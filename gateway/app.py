@@ -39,7 +39,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         redis = await connect(settings.redis_url)
         events = EventBus.from_url(settings.events, service="gateway", prefix=settings.key_prefix)
         await events.start()
-        dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix)
+        # Updates go through the broker only while another gateway follows them: a lone gateway
+        # (or the one relaying) hands its sessions their updates directly.
+        dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix, relay_broadcast="followed")
         hub = SessionHub(
             replay_window=settings.replay_window,
             replay_max=settings.replay_max,
@@ -55,6 +57,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.hub, app.state.live = hub, live
         app.state.limiter = RateLimiter(settings.submit_rate, settings.submit_burst)
         live.start()
+        if dispatcher.relay is not None:  # before serving: the relay holder must know we are here
+            await dispatcher.relay.follow()
         # Move everything allocated so far out of the collector's sight: with thousands of sockets
         # connecting at once, full collections over it froze every socket for up to 1.8 s.
         gc.collect()

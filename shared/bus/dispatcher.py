@@ -68,13 +68,15 @@ class Dispatcher:
 
     ``routes`` (task type -> queue name) replaces `DEFAULT_ROUTES`; ``queue_options`` are passed to
     every `Queue`. ``run()`` sweeps deadlines and, given ``events``, runs the relay (``relay``), which
-    broadcasts status changes while it holds the cluster's relay lease (``relay_lease_seconds``).
+    broadcasts status changes while it holds the cluster's relay lease (``relay_lease_seconds``):
+    every one, or with ``relay_broadcast="followed"`` only while another instance follows them
+    (`Relay.follow`).
     """
 
     def __init__(self, redis: Redis, *, events: EventBus | None = None,
                  routes: Mapping[str, str] | None = None, prefix: str = DEFAULT_PREFIX,
                  queue_options: Mapping[str, Any] | None = None, publish_status_events: bool = False,
-                 relay_lease_seconds: float = LEASE_SECONDS) -> None:
+                 relay_lease_seconds: float = LEASE_SECONDS, relay_broadcast: str = "always") -> None:
         self.routes: dict[str, str] = dict(DEFAULT_ROUTES if routes is None else routes)
         if not self.routes:
             raise ConfigError("the dispatcher needs at least one route")
@@ -94,7 +96,8 @@ class Dispatcher:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"  # this instance
         self.relay: Relay | None = None if events is None else Relay(
             redis, events, self.queues.values(), instance=self.consumer, prefix=prefix,
-            lease_seconds=relay_lease_seconds, publish_status_events=publish_status_events)
+            lease_seconds=relay_lease_seconds, publish_status_events=publish_status_events,
+            broadcast=relay_broadcast)
         # Set once the relay's group exists: changes from then on are relayed (by the lease holder).
         self.ready = asyncio.Event() if self.relay is None else self.relay.ready
         self._known = ", ".join(sorted(self.routes))

@@ -117,13 +117,14 @@ class DispatchKeys:
     character, so no queue's keys (or its ``drop()`` pattern) can ever overlap these.
     """
 
-    __slots__ = ("deadlines", "relay_lease", "tag")
+    __slots__ = ("deadlines", "followers", "relay_lease", "tag")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         tag = f"{check_name('key prefix', prefix)}:{{_dispatch}}"
         self.tag = tag
         self.deadlines = f"{tag}:deadlines"  # zset task id -> deadline (epoch ms), until it finishes
         self.relay_lease = f"{tag}:relay-lease"  # string: id of the instance relaying updates, with a TTL
+        self.followers = f"{tag}:followers"  # zset instance id -> until (epoch ms): who follows updates
 
     def all_patterns(self) -> list[str]:
         return [self.tag.replace("{", "\\{").replace("}", "\\}") + ":*"]

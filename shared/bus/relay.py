@@ -10,6 +10,13 @@
   them), then new ones; each is acknowledged once broadcast (a `TaskUpdate` on ``task.<task_id>``).
 - So updates come in stream order, at least once: after a takeover a few may come again. Each
   carries its stream entry id as ``seq``; a receiver drops repeats with `SeqFilter`.
+- With ``broadcast="followed"``, processes that want the updates register as *followers*
+  (`Relay.follow`, renewed while `run()` runs; a zset of instance -> until), and the holder
+  broadcasts a batch only if some instance other than itself follows: a lone gateway hands its
+  own sessions every update directly and sends nothing through the broker. The check rides in the
+  read's pipeline, after the read: a follower registers before it submits anything, so any entry a
+  read returns for it was written after it registered, and the check that follows the read sees
+  it. A batch that needs no broadcast is acknowledged in the next read's pipeline.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ RELAY_BATCH = 100          # stream entries per read, per queue
 RELAY_BLOCK_MS = 1000      # at most; never past the lease
 TASK_CACHE = 50_000        # tasks whose type, owner and meeting the relay remembers
 SEQ_MEMORY = 50_000        # tasks whose last seq a `SeqFilter` remembers
+FOLLOW_SECONDS = 30.0      # a follower's registration lasts this long unless renewed (every second)
+BROADCAST_MODES = ("always", "followed")
 _CHANGE_FIELDS = {"task_id", "queue", "status", "type", "owner", "meeting_id", "progress", "at"}
 Entry = tuple[str, str, dict[str, str] | None]  # stream, entry id, fields (None once trimmed)
 
@@ -130,6 +139,7 @@ class _Batch:
     events, tasks that finished, and the entries to acknowledge once broadcast."""
 
     broadcasts: list[tuple[str, Any]] = field(default_factory=list)
+    broadcast: bool = True  # whether anyone but this process wants `broadcasts`
     changes: list[dict[str, Any]] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     acked: dict[str, list[str]] = field(default_factory=dict)
@@ -148,14 +158,22 @@ class Relay:
     gateway holding the lease hands its own sessions their updates at once, without the round trip
     through the broker, and drops the broadcast copy when it comes back (by ``seq``). It must not
     block; what it raises is logged and relaying goes on.
+
+    ``broadcast``: ``"always"`` (every update goes to the broker, for any listener), or
+    ``"followed"``: only while an instance other than this one has registered with `follow` (see
+    the module's docstring). Every gateway follows; a process that listens to ``task.*`` broadcasts
+    some other way must follow too.
     """
 
     def __init__(self, redis: Redis, events: EventBus, queues: Iterable[Queue], *, instance: str,
                  prefix: str = DEFAULT_PREFIX, lease_seconds: float = LEASE_SECONDS,
-                 publish_status_events: bool = False) -> None:
+                 publish_status_events: bool = False, broadcast: str = "always") -> None:
         if not (isinstance(lease_seconds, int | float) and math.isfinite(lease_seconds)
                 and lease_seconds >= 0.1):
             raise ConfigError(f"relay lease_seconds {lease_seconds!r}: a number of seconds >= 0.1")
+        if broadcast not in BROADCAST_MODES:
+            raise ConfigError(f"relay broadcast {broadcast!r}: one of {', '.join(BROADCAST_MODES)}")
+        self.broadcast = broadcast
         self.redis = redis
         self.events = events
         self.instance = instance
@@ -173,6 +191,9 @@ class Relay:
         self._stopping = asyncio.Event()
         self._stop_wait: asyncio.Task[Any] | None = None  # one `_stopping.wait()` for every blocking read
         self._acking: asyncio.Future[None] | None = None  # the last batch's acknowledgement
+        self._unacked: list[_Batch] = []  # relayed without a broadcast: acknowledged with the next read
+        self._following = False  # registered as a follower (renewed while `run()` runs)
+        self._others = True  # whether another instance followed at the last read
         self.local: Callable[[TaskUpdate], None] | None = None
 
     @property
@@ -198,9 +219,45 @@ class Relay:
         is released."""
         self._stopping.set()
 
+    async def follow(self) -> None:
+        """Register this instance as a follower of task updates, before it submits or serves anything
+        (a gateway, at start). `run()` renews the registration every second while it runs, and
+        drops it when it ends; a process that dies is forgotten after `FOLLOW_SECONDS`."""
+        await self._register()
+        self._following = True
+
+    async def _register(self) -> None:
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.keys.followers, "-inf", now_ms)  # those gone without a word
+            pipe.zadd(self.keys.followers, {self.instance: now_ms + int(FOLLOW_SECONDS * 1000)})
+            await pipe.execute()
+
+    async def _keep_following(self) -> None:
+        while not self._stopping.is_set():
+            await self._pause(1.0)
+            if self._following and not self._stopping.is_set():
+                try:
+                    await self._register()
+                except Exception as exc:
+                    log.warning("task relay: renewing this instance's follower registration failed: %r",
+                                exc)
+
+    async def _unfollow(self) -> None:
+        if not self._following:
+            return
+        self._following = False
+        try:
+            async with asyncio.timeout(self.renew_every):
+                await self.redis.zrem(self.keys.followers, self.instance)
+        except Exception as exc:
+            log.warning("task relay: dropping this instance's follower registration failed (it lapses "
+                        "by itself): %r", exc)
+
     async def run(self) -> None:
         """Take the lease whenever it is free and relay while holding it, until `stop()`."""
         failures = 0
+        following = asyncio.create_task(self._keep_following(), name="relay-follow")
         try:
             while not self._stopping.is_set():
                 try:
@@ -221,10 +278,13 @@ class Relay:
                 await self._pause(self.renew_every)
         finally:
             self._until = 0.0
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
             if self._stop_wait is not None:
                 self._stop_wait.cancel()
                 self._stop_wait = None
             await self._release()
+            await self._unfollow()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -328,6 +388,9 @@ class Relay:
             if self._acking is not None:
                 await asyncio.gather(self._acking, return_exceptions=True)
                 self._acking = None
+            unacked, self._unacked = self._unacked, []
+            for batch in unacked:  # what the next read would have acknowledged
+                await self._acknowledge_after(batch, None)
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
@@ -346,14 +409,13 @@ class Relay:
         stopping, or renewals failing (no read may outlast the lease)."""
         streams: dict[Any, Any] = dict.fromkeys(self._streams, last)
         if last != ">":
-            answer = await self.redis.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH)
+            answer = await self._read_round_trip(streams, None)
         else:
             block = min(RELAY_BLOCK_MS, int((self._until - time.monotonic() - self.renew_every) * 1000))
             if block < 1:  # no renewal lately: wait for one (or for the lease to end)
                 await self._pause(min(0.05, self.renew_every))
                 return None
-            read = asyncio.ensure_future(self.redis.xreadgroup(RELAY_GROUP, LEADER, streams,
-                                                               count=RELAY_BATCH, block=block))
+            read = asyncio.ensure_future(self._read_round_trip(streams, block))
             await asyncio.wait({read, self._stop_waiter()}, return_when=asyncio.FIRST_COMPLETED)
             if not read.done():
                 read.cancel()  # redis-py drops the connection, which ends the blocked read in Redis
@@ -363,6 +425,24 @@ class Relay:
         return [(stream, entry_id, fields) for stream, entries in answer or []
                 for entry_id, fields in entries]
 
+    async def _read_round_trip(self, streams: dict[Any, Any], block: int | None) -> Any:
+        """One pipeline: the acks of batches relayed without a broadcast, the read, and (broadcasting
+        only when followed) who follows, asked after the read returns. A failure leaves those acks
+        undone: their entries come again from the backlog, and receivers drop the repeats."""
+        unacked, self._unacked = self._unacked, []
+        if not unacked and self.broadcast == "always":
+            return await self.redis.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH, block=block)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch in unacked:
+                self._queue_acks(pipe, batch)
+            pipe.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH, block=block)
+            if self.broadcast == "followed":
+                pipe.zrangebyscore(self.keys.followers, int(time.time() * 1000), "+inf")
+            answers = await pipe.execute()
+        if self.broadcast == "followed":
+            self._others = any(member != self.instance for member in answers.pop())
+        return answers[-1]
+
     async def _prepare(self, entries: list[Entry]) -> _Batch:
         """The updates of ``entries``, in order, handed to ``local`` at once; broadcast by `_complete`.
 
@@ -370,7 +450,7 @@ class Relay:
         there (the rest is left to the next holder).
         """
         looked = await self._look_up(entries)
-        batch = _Batch()
+        batch = _Batch(broadcast=self.broadcast == "always" or self._others)
         for stream, entry_id, fields in entries:
             if not self.leading:
                 break
@@ -403,7 +483,8 @@ class Relay:
         try:
             # All at once: on Redis, in this order, in one round trip.
             skip_self = self.local is not None  # this process's listeners had them from `local`
-            await self.events.broadcast_many(batch.broadcasts, skip_self=skip_self)
+            if batch.broadcast:
+                await self.events.broadcast_many(batch.broadcasts, skip_self=skip_self)
             if batch.changes:
                 await asyncio.gather(*(self.events.publish("task.status", c) for c in batch.changes))
         except BaseException:
@@ -414,6 +495,8 @@ class Relay:
                 self._tasks.pop(task_id, None)
         if ack_now:
             await self._acknowledge(batch)
+        elif not (batch.broadcast and batch.broadcasts) and not batch.changes:
+            self._unacked.append(batch)  # nothing went out: the next read's pipeline acknowledges it
         else:
             # In the background: the next batch waits for this one's broadcasts (their order),
             # not for its acks, which took a round trip of every read's cycle.
@@ -422,12 +505,15 @@ class Relay:
     async def _acknowledge(self, batch: _Batch) -> None:
         """Acknowledge a broadcast batch's entries and drop its finished tasks' deadlines."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            if batch.finished:
-                pipe.zrem(self.keys.deadlines, *batch.finished)
-            for stream, ids in batch.acked.items():
-                pipe.xack(stream, RELAY_GROUP, *ids)
+            self._queue_acks(pipe, batch)
             if len(pipe):
                 await pipe.execute()
+
+    def _queue_acks(self, pipe: Any, batch: _Batch) -> None:
+        if batch.finished:
+            pipe.zrem(self.keys.deadlines, *batch.finished)
+        for stream, ids in batch.acked.items():
+            pipe.xack(stream, RELAY_GROUP, *ids)
 
     async def _acknowledge_after(self, batch: _Batch, before: asyncio.Future[None] | None) -> None:
         """`_acknowledge`, after the batch before it. A failure is logged: the entries stay pending,
