@@ -489,6 +489,75 @@ async def test_the_relay_hands_updates_to_its_local_hook_before_broadcasting_the
     assert bus.stats.broadcast_skipped == 5
 
 
+async def test_a_relay_broadcasting_when_followed_sends_nothing_while_it_alone_follows(
+        make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker, redis: Any,
+        key_prefix: str) -> None:
+    """A lone gateway: every update goes to its own sessions (the local hook), none to the broker,
+    and every entry is acknowledged all the same."""
+    bus, observer = await make_bus(), await make_bus()
+    listener = observer.listen("task.>")  # listening without following: told nothing
+    d = make_dispatcher(events=bus, relay_broadcast="followed")
+    assert d.relay is not None
+    local: list[TaskUpdate] = []
+    d.relay.local = local.append
+    await d.relay.follow()
+    followers = DispatchKeys(key_prefix).followers
+    assert await redis.zrange(followers, 0, -1) == [d.consumer]
+    async with running(d), run_worker(d.queues["ai"], handlers([])):
+        chats = [await d.submit(owner="alice", type="ai.chat") for _ in range(3)]
+
+        async def all_done() -> bool:
+            return sum(u.status.terminal for u in local) == 3
+
+        await eventually(all_done, "every task's final update, locally")
+        with pytest.raises(TimeoutError):
+            await listener.get(timeout=0.3)
+    assert bus.stats.broadcast_sent == 0
+    for chat in chats:
+        mine = [u for u in local if u.task_id == chat.task_id]
+        assert [u.status for u in mine] == [TaskStatus.QUEUED, *[TaskStatus.PROCESSING] * 3,
+                                            TaskStatus.COMPLETED]
+    events = d.queues["ai"].keys.events
+    assert [(g["name"], g["pending"]) for g in await redis.xinfo_groups(events)] == [(RELAY_GROUP, 0)]
+    assert await redis.zcard(followers) == 0  # dropped when its relay stopped
+
+
+async def test_a_follower_gets_every_update_of_what_it_submits_once_registered(
+        make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker) -> None:
+    """Gateway A relays, alone, blocked in a read; gateway B registers, then at once submits: the
+    check after A's read sees B, so B's updates reach it through the broker, every one."""
+    bus_a, bus_b = await make_bus(), await make_bus()
+    a = make_dispatcher(events=bus_a, relay_broadcast="followed")
+    b = make_dispatcher(client=await connect(REDIS_URL), events=bus_b, relay_broadcast="followed")
+    assert a.relay is not None and b.relay is not None
+    local: list[TaskUpdate] = []
+    a.relay.local = local.append
+    listener = bus_b.listen("task.>")
+    await a.relay.follow()
+    try:
+        async with running(a), run_worker(a.queues["ai"], handlers([])):
+            await eventually(lambda: _async(a.relay is not None and a.relay.leading), "A to lead")
+            alone = await a.submit(owner="alice", type="ai.chat")
+            await eventually(lambda: _async(any(u.task_id == alone.task_id and u.status.terminal
+                                                for u in local)), "A's own task, locally")
+            assert bus_a.stats.broadcast_sent == 0
+            await asyncio.sleep(0.1)  # A is blocked in its next read
+            await b.relay.follow()
+            chat = await b.submit(owner="bob", type="ai.chat")
+            updates = await collect(listener, {chat.task_id})
+    finally:
+        await b.redis.aclose()
+    assert [u.status for u in updates] == [TaskStatus.QUEUED, *[TaskStatus.PROCESSING] * 3,
+                                           TaskStatus.COMPLETED]
+    assert [u.seq for u in updates] == [u.seq for u in local if u.task_id == chat.task_id]
+
+
+async def test_a_relay_broadcast_mode_is_always_or_followed(make_dispatcher: MakeDispatcher,
+                                                           make_bus: Any) -> None:
+    with pytest.raises(ConfigError, match="always, followed"):
+        make_dispatcher(events=await make_bus(), relay_broadcast="sometimes")
+
+
 async def test_two_relays_broadcast_each_change_once(make_dispatcher: MakeDispatcher, make_bus: Any,
                                                      run_worker: RunWorker, redis: Any) -> None:
     """Two gateways: a task submitted through one reaches a client on either, through one broadcast."""
