@@ -459,7 +459,8 @@ class Relay:
                     topic = check_topic(f"task.{update.task_id}")  # here: a bad one skips its entry only
                     if self.local is not None:
                         self._hand_local(update)
-                    batch.broadcasts.append((topic, update.model_dump(mode="json")))
+                    if batch.broadcast:  # else nobody else follows: no need to serialise it
+                        batch.broadcasts.append((topic, update.model_dump(mode="json")))
                     if update.status.terminal:
                         batch.finished.append(update.task_id)
                     if changed and self.publish_status_events:
