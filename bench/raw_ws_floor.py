@@ -173,6 +173,7 @@ async def run() -> dict[str, Any]:
             await clients[0].tell({"cmd": "round_trips", "tasks": TASKS, "rate": RATE, "sockets": 100})
             await clients[0].read("measuring", 120)
             cpu0 = await _cpu_now([server.pid], worker.pid, clients[0].pid, REDIS_URL)
+            await clients[0].tell({"cmd": "go"})
             await clients[0].read("measured", 60 + 2 * TASKS / RATE)
             cpu1 = await _cpu_now([server.pid], worker.pid, clients[0].pid, REDIS_URL)
             rt = await clients[0].read("round_trips", 60)

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,9 +97,12 @@ async def _open(url: str, token: str, errors: dict[str, int]) -> Any:
     return None
 
 
-async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str, Any]:
+async def _round_trips(sockets: list[Any], tasks: int, rate: float,
+                       go: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     """Submit ``tasks`` tasks at ``rate`` over ``sockets`` round-robin; per task, ms from just before the
-    submit frame is sent to its ``result`` frame (and to its ``accepted`` frame)."""
+    submit frame is sent to its ``result`` frame (and to its ``accepted`` frame). After the warm-up
+    it says ``measuring`` and waits for ``go()``: the orchestrator takes its readings (a scrape of the
+    gateway's metrics, Redis's INFO) before the first measured task, not during it."""
     sent: dict[str, float] = {}  # request id -> when its frame went
     accepted: dict[str, tuple[str, float]] = {}  # request id -> task id, when accepted
     results: dict[str, tuple[float, str]] = {}  # task id -> when its result came, status
@@ -150,6 +154,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float) -> dict[str,
         warm = len(results)
         await asyncio.sleep(0.5)
         _emit({"event": "measuring"})
+        await go()
         readers.append(asyncio.create_task(sample_loop_lag(lambda lag: late.append(lag * 1000.0))))
         took, lag = await send(tasks, WARMUP_TASKS, rate)
         with contextlib.suppress(TimeoutError):
@@ -248,7 +253,8 @@ async def _client(urls: list[str], first: int, count: int) -> None:
         command = json.loads(line)
         if command["cmd"] == "round_trips":
             subset = sockets[: command["sockets"]]
-            _emit({"event": "round_trips", **await _round_trips(subset, command["tasks"], command["rate"])})
+            done = await _round_trips(subset, command["tasks"], command["rate"], stdin.readline)  # "go"
+            _emit({"event": "round_trips", **done})
         elif command["cmd"] == "count":
             from websockets.protocol import State
 
@@ -700,6 +706,7 @@ async def run(
             await clients_[0].read("measuring", 120)
             cpu2 = await _cpu_now(pids, worker.pid, clients_[0].pid, redis_url)
             lag2 = await _loop_lag(bases)
+            await clients_[0].tell({"cmd": "go"})  # readings taken: now the measured tasks
             await clients_[0].read("measured", 60 + 2 * tasks / rate)
             cpu3 = await _cpu_now(pids, worker.pid, clients_[0].pid, redis_url)
             lag3 = await _loop_lag(bases)
