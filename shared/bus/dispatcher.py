@@ -198,8 +198,10 @@ class Dispatcher:
             with unreachable_as_bus_error("dropping unused task deadlines"):
                 await self.redis.zrem(self.keys.deadlines, *unused)
         hits = [(q, d.id) for (q, _), d in zip(built, done, strict=True) if not d.created]
-        records = await asyncio.gather(*(_record_or_none(q, task_id) for q, task_id in hits))
-        existing = {task_id: r for (_, task_id), r in zip(hits, records, strict=True)}
+        existing: dict[str, TaskRecord | None] = {}
+        if hits:  # a dedupe hit: answer the existing task's status
+            records = await asyncio.gather(*(_record_or_none(q, task_id) for q, task_id in hits))
+            existing = {task_id: r for (_, task_id), r in zip(hits, records, strict=True)}
         out = []
         for (queue, message), d in zip(built, done, strict=True):
             if d.created:

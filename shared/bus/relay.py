@@ -593,7 +593,9 @@ class Relay:
             if status is TaskStatus.COMPLETED and "result" not in fields:
                 raw = looked.get(f"result:{task_id}")
                 result = from_json(raw) if raw else None
-            update = TaskUpdate(
+            # Every field is converted above (a bad one raises, and its entry is skipped), so the
+            # model is built without validating it again: three updates a task, on the hot path.
+            update = TaskUpdate.model_construct(
                 task_id=task_id, queue=self._streams[stream].name, type=fields.get("type") or typ,
                 owner=fields.get("owner") or owner, meeting_id=meeting, status=status,
                 progress=float(fields["progress"]) if fields.get("progress") else None,
