@@ -450,7 +450,10 @@ class Relay:
         there (the rest is left to the next holder).
         """
         looked = await self._look_up(entries)
-        batch = _Batch(broadcast=self.broadcast == "always" or self._others)
+        # Followed: broadcast if another instance follows, or if this one does without a `local`
+        # hook (its own listeners hear of updates only through the broker).
+        batch = _Batch(broadcast=self.broadcast == "always" or self._others
+                       or (self._following and self.local is None))
         for stream, entry_id, fields in entries:
             if not self.leading:
                 break

@@ -552,6 +552,19 @@ async def test_a_follower_gets_every_update_of_what_it_submits_once_registered(
     assert [u.seq for u in updates] == [u.seq for u in local if u.task_id == chat.task_id]
 
 
+async def test_a_follower_without_a_local_hook_hears_of_its_own_updates_through_the_broker(
+        make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker) -> None:
+    bus = await make_bus()
+    listener = bus.listen("task.>")
+    d = make_dispatcher(events=bus, relay_broadcast="followed")
+    assert d.relay is not None
+    await d.relay.follow()
+    async with running(d), run_worker(d.queues["ai"], handlers([])):
+        chat = await d.submit(owner="alice", type="ai.chat")
+        updates = await collect(listener, {chat.task_id})
+    assert [u.status for u in updates][-1] is TaskStatus.COMPLETED and len(updates) == 5
+
+
 async def test_a_relay_broadcast_mode_is_always_or_followed(make_dispatcher: MakeDispatcher,
                                                            make_bus: Any) -> None:
     with pytest.raises(ConfigError, match="always, followed"):
