@@ -55,6 +55,7 @@ RELAY_BLOCK_MS = 1000      # at most; never past the lease
 TASK_CACHE = 50_000        # tasks whose type, owner and meeting the relay remembers
 SEQ_MEMORY = 50_000        # tasks whose last seq a `SeqFilter` remembers
 FOLLOW_SECONDS = 30.0      # a follower's registration lasts this long unless renewed (every second)
+FOLLOW_SLACK_MS = 30_000   # ...and counts this much longer: instances' clocks may disagree that much
 BROADCAST_MODES = ("always", "followed")
 _CHANGE_FIELDS = {"task_id", "queue", "status", "type", "owner", "meeting_id", "progress", "at"}
 Entry = tuple[str, str, dict[str, str] | None]  # stream, entry id, fields (None once trimmed)
@@ -138,8 +139,7 @@ class _Batch:
     """What one read of the status streams comes to: updates to broadcast (topic, data), status
     events, tasks that finished, and the entries to acknowledge once broadcast."""
 
-    broadcasts: list[tuple[str, Any]] = field(default_factory=list)
-    broadcast: bool = True  # whether anyone but this process wants `broadcasts`
+    broadcasts: list[tuple[str, Any]] = field(default_factory=list)  # empty if nobody else wants them
     changes: list[dict[str, Any]] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     acked: dict[str, list[str]] = field(default_factory=dict)
@@ -222,14 +222,17 @@ class Relay:
     async def follow(self) -> None:
         """Register this instance as a follower of task updates, before it submits or serves anything
         (a gateway, at start). `run()` renews the registration every second while it runs, and
-        drops it when it ends; a process that dies is forgotten after `FOLLOW_SECONDS`."""
+        drops it when it ends. A registration is stamped with this instance's clock, and another
+        judges it with its own, with `FOLLOW_SLACK_MS` to spare: a process that dies is forgotten
+        after a minute (broadcasts go on meanwhile, for nobody), and clocks up to 30 s apart are
+        harmless."""
         await self._register()
         self._following = True
 
     async def _register(self) -> None:
         now_ms = int(time.time() * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.keys.followers, "-inf", now_ms)  # those gone without a word
+            pipe.zremrangebyscore(self.keys.followers, "-inf", now_ms - FOLLOW_SLACK_MS)  # gone for good
             pipe.zadd(self.keys.followers, {self.instance: now_ms + int(FOLLOW_SECONDS * 1000)})
             await pipe.execute()
 
@@ -341,10 +344,10 @@ class Relay:
         """Relay while the lease is held: pending entries of ``leader`` first, then new ones.
 
         Once past the backlog, reading the next batch overlaps broadcasting the last one
-        (`_Batch`), and acknowledging goes on in the background: an update waits for one read
-        round trip, not three. Broadcasts keep stream order all the same: a batch is broadcast
-        only once the one before it was, and a failure drops the batch read meanwhile
-        (unacknowledged: read again from the backlog).
+        (`_Batch`), and acknowledging rides with the next read (a batch sent nowhere) or goes on in
+        the background: an update waits for one read round trip, not three. Broadcasts keep
+        stream order all the same: a batch is broadcast only once the one before it was, and a
+        failure drops the batch read meanwhile (unacknowledged: read again from the backlog).
         """
         heartbeat = asyncio.create_task(self._keep_lease(), name="relay-lease")
         failures, backlog = 0, True
@@ -389,8 +392,12 @@ class Relay:
                 await asyncio.gather(self._acking, return_exceptions=True)
                 self._acking = None
             unacked, self._unacked = self._unacked, []
-            for batch in unacked:  # what the next read would have acknowledged
-                await self._acknowledge_after(batch, None)
+            if unacked:  # what the next read would have acknowledged
+                try:
+                    await self._acknowledge(*unacked)
+                except Exception as exc:
+                    log.warning("task relay: acknowledging %d batches failed (relayed again later): %r",
+                                len(unacked), exc)
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
@@ -437,7 +444,7 @@ class Relay:
                 self._queue_acks(pipe, batch)
             pipe.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH, block=block)
             if self.broadcast == "followed":
-                pipe.zrangebyscore(self.keys.followers, int(time.time() * 1000), "+inf")
+                pipe.zrangebyscore(self.keys.followers, int(time.time() * 1000) - FOLLOW_SLACK_MS, "+inf")
             answers = await pipe.execute()
         if self.broadcast == "followed":
             self._others = any(member != self.instance for member in answers.pop())
@@ -452,8 +459,9 @@ class Relay:
         looked = await self._look_up(entries)
         # Followed: broadcast if another instance follows, or if this one does without a `local`
         # hook (its own listeners hear of updates only through the broker).
-        batch = _Batch(broadcast=self.broadcast == "always" or self._others
-                       or (self._following and self.local is None))
+        broadcast = (self.broadcast == "always" or self._others
+                     or (self._following and self.local is None))
+        batch = _Batch()
         for stream, entry_id, fields in entries:
             if not self.leading:
                 break
@@ -462,7 +470,7 @@ class Relay:
                     topic = check_topic(f"task.{update.task_id}")  # here: a bad one skips its entry only
                     if self.local is not None:
                         self._hand_local(update)
-                    if batch.broadcast:  # else nobody else follows: no need to serialise it
+                    if broadcast:  # else nobody else follows: no need to serialise it
                         batch.broadcasts.append((topic, update.model_dump(mode="json")))
                     if update.status.terminal:
                         batch.finished.append(update.task_id)
@@ -479,7 +487,8 @@ class Relay:
 
     async def _complete(self, batch: _Batch, *, ack_now: bool = False) -> None:
         """Broadcast a batch's updates (and publish its status events), then acknowledge its entries:
-        at once with ``ack_now`` (the backlog, read again from "0"), else in the background.
+        at once with ``ack_now`` (the backlog, read again from "0"), with the next read if nothing
+        went out, else in the background.
 
         An unreachable backend stops the batch, unacknowledged: it is read again from the backlog,
         and gateways drop the repeats (`SeqFilter`); no status event is lost either.
@@ -487,8 +496,7 @@ class Relay:
         try:
             # All at once: on Redis, in this order, in one round trip.
             skip_self = self.local is not None  # this process's listeners had them from `local`
-            if batch.broadcast:
-                await self.events.broadcast_many(batch.broadcasts, skip_self=skip_self)
+            await self.events.broadcast_many(batch.broadcasts, skip_self=skip_self)
             if batch.changes:
                 await asyncio.gather(*(self.events.publish("task.status", c) for c in batch.changes))
         except BaseException:
@@ -499,17 +507,18 @@ class Relay:
                 self._tasks.pop(task_id, None)
         if ack_now:
             await self._acknowledge(batch)
-        elif not (batch.broadcast and batch.broadcasts) and not batch.changes:
+        elif not (batch.broadcasts or batch.changes):
             self._unacked.append(batch)  # nothing went out: the next read's pipeline acknowledges it
         else:
             # In the background: the next batch waits for this one's broadcasts (their order),
             # not for its acks, which took a round trip of every read's cycle.
             self._acking = asyncio.ensure_future(self._acknowledge_after(batch, self._acking))
 
-    async def _acknowledge(self, batch: _Batch) -> None:
-        """Acknowledge a broadcast batch's entries and drop its finished tasks' deadlines."""
+    async def _acknowledge(self, *batches: _Batch) -> None:
+        """Acknowledge relayed batches' entries and drop their finished tasks' deadlines: one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_acks(pipe, batch)
+            for batch in batches:
+                self._queue_acks(pipe, batch)
             if len(pipe):
                 await pipe.execute()
 

@@ -552,6 +552,25 @@ async def test_a_follower_gets_every_update_of_what_it_submits_once_registered(
     assert [u.seq for u in updates] == [u.seq for u in local if u.task_id == chat.task_id]
 
 
+async def test_a_followers_registration_counts_despite_a_clock_a_little_behind(
+        make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker, redis: Any,
+        key_prefix: str) -> None:
+    """Another gateway whose clock runs 10 s behind stamped a registration that is already over by
+    ours: it still counts (30 s of slack), so it still gets the broadcast."""
+    bus = await make_bus()
+    d = make_dispatcher(events=bus, relay_broadcast="followed")
+    assert d.relay is not None
+    local: list[TaskUpdate] = []
+    d.relay.local = local.append
+    await d.relay.follow()
+    await redis.zadd(DispatchKeys(key_prefix).followers, {"behind": int((time.time() - 10) * 1000)})
+    async with running(d), run_worker(d.queues["ai"], handlers([])):
+        chat = await d.submit(owner="alice", type="ai.chat")
+        await eventually(lambda: _async(any(u.task_id == chat.task_id and u.status.terminal
+                                            for u in local)), "the task's final update")
+    assert bus.stats.broadcast_sent == 5
+
+
 async def test_a_follower_without_a_local_hook_hears_of_its_own_updates_through_the_broker(
         make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker) -> None:
     bus = await make_bus()
