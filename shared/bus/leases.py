@@ -7,7 +7,7 @@ one command, so a worker's cost per message is what these batch together.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,11 @@ def parse_delivery(text: str) -> Delivery:
 
 
 
+def _leased(flat: list[Any]) -> tuple[list[Delivery], float | None]:
+    """The dequeue script's answer: the deliveries, and the seconds until something else is due."""
+    return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)
+
+
 class LeaseOps:
     """What a worker calls on its queue. Needs the `Queue` attributes declared below."""
 
@@ -76,13 +81,40 @@ class LeaseOps:
         that long: the next enqueue leases a message to it and pushes it to its inbox. ``settle``
         entries (as for `settle`) are applied first, in the same script.
         """
+        flat = await self._run_layout("dequeue", self._dequeue_args(count, worker, lease_seconds,
+                                                                    idle_seconds, settle, 0))
+        return _leased(flat)
+
+    async def dequeue_then_wait(self, count: int, worker: str, lease_seconds: float | None,
+                                idle_seconds: float, settle: list[Any], wait: float,
+                                leased: Callable[[list[Delivery], float | None], None]
+                                ) -> tuple[Delivery | None, bool]:
+        """`dequeue`, then wait up to ``wait`` s for a hand-off to this worker's inbox (`wait_inbox`),
+        in one round trip: the script and the ``BLPOP`` go out in one write. ``leased(deliveries,
+        due_in)`` is called with the script's answer as soon as it comes, before the wait ends (its
+        handlers start while the worker waits for more).
+
+        The script cuts the wait short (an empty inbox entry) when the worker got all it asked for,
+        or when something falls due before the wait would end. Returns the hand-off (None if none),
+        and whether the wait was cut short (the caller then waits, if at all, as long as it needs).
+        If this raises before ``leased`` was called, nothing was settled or leased by it.
+        """
+        wait_ms = max(1, to_ms(wait))
+        args = self._dequeue_args(count, worker, lease_seconds, idle_seconds, settle, wait_ms)
+        flat, got = await self._run_then_blpop("dequeue", args, self.keys.inbox(worker), wait_ms / 1000,
+                                               lambda flat: leased(*_leased(flat[:-1])))
+        return (parse_delivery(got[1]) if got and got[1] else None), flat[-1] == 1
+
+    def _dequeue_args(self, count: int, worker: str, lease_seconds: float | None, idle_seconds: float,
+                      settle: list[Any] | None, wait_ms: int) -> list[Any]:
         count = max(0, min(count, MAX_DEQUEUE))  # at most this many a call; 0 only does upkeep
         lease = to_ms(lease_seconds or self.lease_seconds)
-        args = [count, lease, worker, to_ms(idle_seconds)]
-        if settle:
-            args += [to_ms(self.record_ttl), self.keys.rate_prefix, *settle]
-        flat = await self._run_layout("dequeue", args)
-        return [parse_delivery(d) for d in flat[1:]], (None if flat[0] < 0 else flat[0] / 1000)
+        return [count, lease, worker, to_ms(idle_seconds), to_ms(self.record_ttl), self.keys.rate_prefix,
+                wait_ms, *(settle or ())]
+
+    async def _run_then_blpop(self, script: str, args: list[Any], key: str, timeout: float,
+                              answered: Callable[[Any], None]) -> tuple[Any, Any]:
+        raise NotImplementedError
 
     async def settle(self, entries: list[Any]) -> list[int]:
         """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-10.lua."""

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from .connection import translates_unreachable, unreachable_as_bus_error
 from .errors import InvalidMessage, MessageTooLarge, TaskNotFound, describe
@@ -129,6 +130,37 @@ class Queue(LeaseOps):
                 raise
             finally:
                 await pool.release(conn)
+
+    async def _run_then_blpop(self, script: str, args: list[Any], key: str, timeout: float,
+                              answered: Callable[[Any], None]) -> tuple[Any, Any]:
+        """Run a layout script and ``BLPOP key timeout`` behind it, both in one write (one round trip
+        where there were two); ``answered`` gets the script's answer as soon as it comes, before the
+        BLPOP's. A script Redis does not have cached is loaded and the pair sent again: the BLPOP
+        behind the refused call would block to no purpose, so that connection is dropped."""
+        with unreachable_as_bus_error(f"{script} and an inbox wait on queue {self.name!r}"):
+            command = ("EVALSHA", self._scripts.sha(script), len(self._layout), *self._layout,
+                       *self._head, *args)
+            pool = self.redis.connection_pool
+            for attempt in range(2):
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                try:
+                    await conn.send_packed_command(conn.pack_commands([command, ("BLPOP", key, timeout)]))
+                    try:
+                        first = await conn.read_response()
+                    except NoScriptError:
+                        if attempt:
+                            raise
+                        await conn.disconnect()
+                        await self._scripts.load(script)
+                        continue
+                    answered(first)
+                    return first, await conn.read_response()
+                except BaseException:
+                    await conn.disconnect()  # an answer may be left unread: not reusable
+                    raise
+                finally:
+                    await pool.release(conn)
+            raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):

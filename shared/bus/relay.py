@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,22 @@ class TaskUpdate(BaseModel):
     reason: str | None = None  # why queued again: retry, next_stage, released, lease_expired, replay
     at: float  # server time of the change (epoch seconds)
     seq: str | None = None  # the status-stream entry id ("<ms>-<n>"): orders one task's updates
+
+
+_UPDATE_FIELDS = tuple(TaskUpdate.model_fields)
+
+
+def _built_update(values: dict[str, Any]) -> TaskUpdate:
+    """A `TaskUpdate` of ``values``, every field given and already converted: what
+    ``TaskUpdate.model_construct(**values)`` builds (the same dict, every field counted as set), without
+    its walk over the fields to find the missing ones and fill in defaults: ~1.5 us against ~7-8,
+    three updates a task. tests/bus/test_dispatcher.py checks that both build equal models."""
+    update = TaskUpdate.__new__(TaskUpdate)
+    object.__setattr__(update, "__dict__", values)
+    object.__setattr__(update, "__pydantic_fields_set__", set(_UPDATE_FIELDS))
+    object.__setattr__(update, "__pydantic_extra__", None)
+    object.__setattr__(update, "__pydantic_private__", None)
+    return update
 
 
 def stream_id(seq: str) -> tuple[int, int]:
@@ -189,7 +205,9 @@ class Relay:
         self._until = 0.0  # monotonic time the lease ends by this instance's clock; 0 if not held
         self._grouped = False
         self._stopping = asyncio.Event()
-        self._stop_wait: asyncio.Task[Any] | None = None  # one `_stopping.wait()` for every blocking read
+        self._conn: Any = None  # the connection the relay reads on while it leads (see `_round_trip`)
+        self._reader: asyncio.Task[Any] | None = None  # the task blocked in a read, which `stop()` ends
+        self._interrupted = False  # `stop()` cancelled that read
         self._acking: asyncio.Future[None] | None = None  # the last batch's acknowledgement
         self._unacked: list[_Batch] = []  # relayed without a broadcast: acknowledged with the next read
         self._following = False  # registered as a follower (renewed while `run()` runs)
@@ -208,16 +226,14 @@ class Relay:
             del self._tasks[next(iter(self._tasks))]  # the oldest: it probably finished
         self._tasks[task_id] = (type, owner, meeting)
 
-    def _stop_waiter(self) -> asyncio.Task[Any]:
-        """A task that ends when `stop()` is called, shared by the reads (one task, not one per read)."""
-        if self._stop_wait is None:
-            self._stop_wait = asyncio.ensure_future(self._stopping.wait())
-        return self._stop_wait
-
     def stop(self) -> None:
         """Ask `run()` to finish: the batch being relayed is completed and acknowledged, then the lease
-        is released."""
+        is released. A blocking read in progress is cancelled (redis-py then drops its connection,
+        which ends the read in Redis too); what it had read stays pending, for the next holder."""
         self._stopping.set()
+        if self._reader is not None and not self._interrupted:
+            self._interrupted = True
+            self._reader.cancel()
 
     async def follow(self) -> None:
         """Register this instance as a follower of task updates, before it submits or serves anything
@@ -283,9 +299,6 @@ class Relay:
             self._until = 0.0
             following.cancel()
             await asyncio.gather(following, return_exceptions=True)
-            if self._stop_wait is not None:
-                self._stop_wait.cancel()
-                self._stop_wait = None
             await self._release()
             await self._unfollow()
 
@@ -370,6 +383,8 @@ class Relay:
                         sending = None
                     if backlog:  # reading "0" again must not find this batch still unacknowledged
                         await self._complete(batch, ack_now=True)
+                    elif not (batch.broadcasts or batch.changes):
+                        await self._complete(batch)  # nothing goes out: done in place, no task
                     else:
                         sending = asyncio.ensure_future(self._complete(batch))
                     batch = None
@@ -400,6 +415,9 @@ class Relay:
                                 len(unacked), exc)
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            if self._conn is not None:
+                await self.redis.connection_pool.release(self._conn)
+                self._conn = None
 
     async def _create_groups(self) -> None:
         for stream in self._streams:
@@ -422,33 +440,78 @@ class Relay:
             if block < 1:  # no renewal lately: wait for one (or for the lease to end)
                 await self._pause(min(0.05, self.renew_every))
                 return None
-            read = asyncio.ensure_future(self._read_round_trip(streams, block))
-            await asyncio.wait({read, self._stop_waiter()}, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done():
-                read.cancel()  # redis-py drops the connection, which ends the blocked read in Redis
-                await asyncio.gather(read, return_exceptions=True)
+            # The last batch's frames go out first (their writers are already scheduled): they are
+            # not delayed by this send, and what arrives meanwhile makes the next read a batch.
+            await asyncio.sleep(0)
+            answer = await self._interruptible(self._read_round_trip(streams, block))
+            if answer is None:
                 return None
-            answer = read.result()
         return [(stream, entry_id, fields) for stream, entries in answer or []
                 for entry_id, fields in entries]
 
+    async def _interruptible(self, read: Coroutine[Any, Any, Any]) -> Any:
+        """Await a blocking read that `stop()` may cancel: None if it did (or had been called), else
+        the read's answer (never None: an empty read is an empty list). Awaited in place, not as a
+        task of its own raced against a stop event: that took a task and two loop turns per read."""
+        task = asyncio.current_task()
+        if self._stopping.is_set() or task is None:
+            read.close()
+            return None
+        self._reader = task
+        try:
+            return (await read) or []
+        except asyncio.CancelledError:
+            if self._interrupted and task.uncancel() == 0:
+                return None  # stop()'s cancel, and nobody else's
+            raise
+        finally:
+            self._reader = None
+            self._interrupted = False
+
     async def _read_round_trip(self, streams: dict[Any, Any], block: int | None) -> Any:
-        """One pipeline: the acks of batches relayed without a broadcast, the read, and (broadcasting
+        """One round trip: the acks of batches relayed without a broadcast, the read, and (broadcasting
         only when followed) who follows, asked after the read returns. A failure leaves those acks
         undone: their entries come again from the backlog, and receivers drop the repeats."""
         unacked, self._unacked = self._unacked, []
-        if not unacked and self.broadcast == "always":
-            return await self.redis.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH, block=block)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for batch in unacked:
-                self._queue_acks(pipe, batch)
-            pipe.xreadgroup(RELAY_GROUP, LEADER, streams, count=RELAY_BATCH, block=block)
-            if self.broadcast == "followed":
-                pipe.zrangebyscore(self.keys.followers, int(time.time() * 1000) - FOLLOW_SLACK_MS, "+inf")
-            answers = await pipe.execute()
-        if self.broadcast == "followed":
+        commands = [command for batch in unacked for command in self._ack_commands(batch)]
+        read: list[Any] = ["XREADGROUP", "GROUP", RELAY_GROUP, LEADER, "COUNT", RELAY_BATCH]
+        if block is not None:
+            read += ["BLOCK", block]
+        commands.append((*read, "STREAMS", *streams, *streams.values()))
+        followed = self.broadcast == "followed"
+        if followed:
+            commands.append(("ZRANGEBYSCORE", self.keys.followers,
+                             int(time.time() * 1000) - FOLLOW_SLACK_MS, "+inf"))
+        answers = await self._round_trip(commands)
+        if followed:
             self._others = any(member != self.instance for member in answers.pop())
-        return answers[-1]
+        return _stream_entries(answers[-1])
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write on the relay's own connection and read every answer.
+
+        A pipeline without redis-py's machinery around it (a `Pipeline` object, the pool, reply
+        callbacks): that cost ~20-40 us more CPU a read here (bench/relay_read_cost.py), and the relay
+        reads about once a task.
+        Any failure, an error answer included, drops the connection (answers may be left unread).
+        """
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            return [await conn.read_response() for _ in commands]
+        except BaseException:
+            await self._drop_connection()
+            raise
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.disconnect()
+            finally:
+                await self.redis.connection_pool.release(conn)
 
     async def _prepare(self, entries: list[Entry]) -> _Batch:
         """The updates of ``entries``, in order, handed to ``local`` at once; broadcast by `_complete`.
@@ -518,15 +581,19 @@ class Relay:
         """Acknowledge relayed batches' entries and drop their finished tasks' deadlines: one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch in batches:
-                self._queue_acks(pipe, batch)
+                for command in self._ack_commands(batch):
+                    pipe.execute_command(*command)
             if len(pipe):
                 await pipe.execute()
 
-    def _queue_acks(self, pipe: Any, batch: _Batch) -> None:
+    def _ack_commands(self, batch: _Batch) -> list[tuple[Any, ...]]:
+        """A relayed batch's acknowledgements, and the deadlines of its finished tasks to drop."""
+        commands: list[tuple[Any, ...]] = []
         if batch.finished:
-            pipe.zrem(self.keys.deadlines, *batch.finished)
+            commands.append(("ZREM", self.keys.deadlines, *batch.finished))
         for stream, ids in batch.acked.items():
-            pipe.xack(stream, RELAY_GROUP, *ids)
+            commands.append(("XACK", stream, RELAY_GROUP, *ids))
+        return commands
 
     async def _acknowledge_after(self, batch: _Batch, before: asyncio.Future[None] | None) -> None:
         """`_acknowledge`, after the batch before it. A failure is logged: the entries stay pending,
@@ -549,32 +616,36 @@ class Relay:
     async def _look_up(self, entries: list[Entry]) -> dict[str, Any]:
         """One round trip for what the entries do not say: type, owner and meeting of tasks not seen
         yet, results too large to ride in the entry, positions of queued tasks."""
-        pipe = self.redis.pipeline(transaction=False)
-        asks: list[tuple[str, str]] = []
+        asks: list[tuple[str, Queue, str]] = []
         asked: set[str] = set()
         for stream, _, raw in entries:
             queue, fields = self._streams[stream], raw or {}
             status = fields.get("status")
             for task_id in _ids(fields):
                 if task_id not in self._tasks and task_id not in asked:
-                    pipe.hmget(queue.keys.task(task_id), ["type", "owner", "msg"])
-                    asks.append(("meta", task_id))
+                    asks.append(("meta", queue, task_id))
                     asked.add(task_id)
                 if status == TaskStatus.COMPLETED and "result" not in fields:
-                    pipe.hget(queue.keys.task(task_id), "result")
-                    asks.append(("result", task_id))
+                    asks.append(("result", queue, task_id))
                 elif status == TaskStatus.QUEUED and "priority" not in fields:
                     # a retry or a reclaim; a fresh enqueue (it carries `priority`) was answered with
                     # its position already, and looking it up is three commands per task
-                    pipe.zrank(queue.keys.ready, task_id)
-                    pipe.zrank(queue.keys.delayed, task_id)
-                    pipe.zcard(queue.keys.ready)
-                    asks.append(("position", task_id))
-        if not asks:
+                    asks.append(("position", queue, task_id))
+        if not asks:  # the usual case: no pipeline to build
             return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for kind, queue, task_id in asks:
+            if kind == "meta":
+                pipe.hmget(queue.keys.task(task_id), ["type", "owner", "msg"])
+            elif kind == "result":
+                pipe.hget(queue.keys.task(task_id), "result")
+            else:
+                pipe.zrank(queue.keys.ready, task_id)
+                pipe.zrank(queue.keys.delayed, task_id)
+                pipe.zcard(queue.keys.ready)
         answers = iter(await pipe.execute())
         looked: dict[str, Any] = {}
-        for kind, task_id in asks:
+        for kind, _, task_id in asks:
             if kind == "meta":
                 typ, owner, msg = next(answers)
                 self.remember(task_id, typ or None, owner or None, _meeting(msg))
@@ -593,31 +664,44 @@ class Relay:
         if not fields:
             raise InvalidMessage("the entry is gone (trimmed from the stream)")
         status = TaskStatus(fields["status"])
-        if not _ids(fields):
+        ids = _ids(fields)
+        if not ids:
             raise InvalidMessage("the entry names no task")
         changed = not (status is TaskStatus.PROCESSING and "worker" not in fields)
         result: Any = None
         if fields.get("result"):
             result = from_json(fields["result"])
+        queue, at = self._streams[stream].name, int(entry_id.split("-")[0]) / 1000
         out = []
-        for task_id in _ids(fields):
+        for task_id in ids:
             typ, owner, meeting = self._tasks.get(task_id, (None, None, None))
             if status is TaskStatus.COMPLETED and "result" not in fields:
                 raw = looked.get(f"result:{task_id}")
                 result = from_json(raw) if raw else None
             # Every field is converted above (a bad one raises, and its entry is skipped), so the
             # model is built without validating it again: three updates a task, on the hot path.
-            update = TaskUpdate.model_construct(
-                task_id=task_id, queue=self._streams[stream].name, type=fields.get("type") or typ,
-                owner=fields.get("owner") or owner, meeting_id=meeting, status=status,
-                progress=float(fields["progress"]) if fields.get("progress") else None,
-                delta=fields.get("delta") or None, result=result, error=parse_error(fields.get("error")),
-                attempts=int(fields["attempts"]) if fields.get("attempts") else None,
-                position=looked.get(f"position:{task_id}"), reason=fields.get("reason") or None,
-                at=int(entry_id.split("-")[0]) / 1000,
-                seq=entry_id)
+            update = _built_update({
+                "task_id": task_id, "queue": queue, "type": fields.get("type") or typ,
+                "owner": fields.get("owner") or owner, "meeting_id": meeting, "status": status,
+                "progress": float(fields["progress"]) if fields.get("progress") else None,
+                "delta": fields.get("delta") or None, "result": result,
+                "error": parse_error(fields.get("error")),
+                "attempts": int(fields["attempts"]) if fields.get("attempts") else None,
+                "position": looked.get(f"position:{task_id}"), "reason": fields.get("reason") or None,
+                "at": at, "seq": entry_id})
             out.append((update, changed))
         return out
+
+
+def _stream_entries(answer: Any) -> list[tuple[str, list[tuple[str, dict[str, str] | None]]]]:
+    """An XREADGROUP answer as read off the wire (RESP2 lists, or a RESP3 map) -> [(stream, [(entry
+    id, fields, or None for an entry trimmed away while pending)])]."""
+    if not answer:
+        return []
+    pairs = answer.items() if isinstance(answer, dict) else answer
+    return [(stream, [(entry_id, None if raw is None else dict(zip(raw[::2], raw[1::2], strict=True)))
+                      for entry_id, raw in entries])
+            for stream, entries in pairs]
 
 
 def _ids(fields: Mapping[str, str]) -> list[str]:

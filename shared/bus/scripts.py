@@ -38,6 +38,10 @@ class Scripts:
         sha: str = await script.registered_client.script_load(script.script)
         return sha
 
+    def sha(self, name: str) -> str:
+        """The script's SHA1 (computed locally: Redis may not have it cached yet)."""
+        return self._scripts[name].sha
+
     async def run(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
         """Run a script; with ``client`` a pipeline, queue it there (the pipeline loads it if need be)."""
         return await self._scripts[name](keys=keys, args=args, client=client)

@@ -194,24 +194,34 @@ class Worker:
         once. When the queue is dry, wait (holding no slot) for a hand-off."""
         idle_seconds = self.poll_seconds + 0.5  # outlives one inbox wait, not much more
         acks, self._pending = self._pending, []  # finished outcomes ride along
+        answered, got, due = False, 0, None  # the script's answer: whether it came, deliveries, due in
+
+        def leased(deliveries: list[Delivery], due_in: float | None) -> None:
+            nonlocal answered, got, due
+            answered, got, due = True, len(deliveries), due_in
+            self._settled(acks)
+            started = sum(self._start(d) for d in deliveries)
+            self._unreserve(free - started)
+
+        handed: Delivery | None = None
         try:
-            deliveries, due_in = await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds,
-                                                          settle=acks)
+            if self._stopping:
+                leased(*await self.queue.dequeue(free, self.id, self.lease_seconds, idle_seconds,
+                                                 settle=acks))
+            else:  # the inbox wait rides in the same round trip; cut short if there is no room
+                handed, cut = await self.queue.dequeue_then_wait(
+                    free, self.id, self.lease_seconds, idle_seconds, acks, self.poll_seconds, leased)
+                if cut and got < free:  # something falls due before the poll would end
+                    timeout = self.poll_seconds if due is None else min(self.poll_seconds, due)
+                    handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
         except BaseException:
-            self._pending = acks + self._pending  # kept for the next try (a repeat is fenced off)
-            self._unreserve(free)
+            if not answered:
+                self._pending = acks + self._pending  # kept for the next try (a repeat is fenced off)
+                self._unreserve(free)
             raise
-        self._settled(acks)
-        started = sum(self._start(d) for d in deliveries)
-        self._unreserve(free - started)
-        if len(deliveries) < free and not self._stopping:
-            timeout = self.poll_seconds if due_in is None else min(self.poll_seconds, due_in)
-            handed = await self.queue.wait_inbox(self.id, max(timeout, 0.001))
-            if handed is not None:
-                await self._start_handed(handed)
-                await asyncio.sleep(0)  # its handler starts before our next round trip is sent
-        else:
-            await asyncio.sleep(0)  # let handlers run, so the next lease is a batch
+        if handed is not None:
+            await self._start_handed(handed)
+        await asyncio.sleep(0)  # handlers start before our next round trip (so the next lease is a batch)
 
     async def _start_handed(self, delivery: Delivery) -> None:
         """Run a message handed to our inbox (already leased to us) once a limiter slot is ours."""

@@ -848,16 +848,17 @@ async def test_relay_skips_bad_entries_and_survives_redis_errors(
     listener = bus.listen("task.>")
     client = await connect(REDIS_URL)
     failures = {"left": 3}
-    real = client.xreadgroup
+    d = make_dispatcher(client=client, events=bus)
+    assert d.relay is not None
+    real = d.relay._round_trip
 
-    async def flaky(*args: Any, **kwargs: Any) -> Any:
-        if failures["left"] > 0 and kwargs.get("block"):
+    async def flaky(commands: list[tuple[Any, ...]]) -> Any:
+        if failures["left"] > 0 and any(c[0] == "XREADGROUP" and "BLOCK" in c for c in commands):
             failures["left"] -= 1
             raise redis_errors.ConnectionError("connection reset by peer (simulated)")
-        return await real(*args, **kwargs)
+        return await real(commands)
 
-    client.xreadgroup = flaky  # type: ignore[method-assign]
-    d = make_dispatcher(client=client, events=bus)
+    d.relay._round_trip = flaky  # type: ignore[method-assign]
     queue = d.queues["user"]
     try:
         async with running(d):
@@ -992,3 +993,78 @@ async def _has_group(redis: Any, queue: Queue) -> bool:
 def _seq(entry_id: str) -> tuple[int, int]:
     ms, _, n = entry_id.partition("-")
     return int(ms), int(n)
+
+
+async def test_stop_ends_a_relays_blocking_read_at_once(make_dispatcher: MakeDispatcher, make_bus: Any,
+                                                        monkeypatch: pytest.MonkeyPatch, redis: Any,
+                                                        key_prefix: str) -> None:
+    """The leader waits in a read that would block for a minute: `stop()` cuts it short (the read is
+    interrupted, not waited out), and the lease is released."""
+    monkeypatch.setattr("shared.bus.relay.RELAY_BLOCK_MS", 60_000)
+    d = make_dispatcher(events=await make_bus(), relay_lease_seconds=180.0)  # reads may block 60 s
+    run = asyncio.create_task(d.run())
+    await asyncio.wait_for(d.ready.wait(), WAIT)
+    await eventually(lambda: _async(d.relay is not None and d.relay._reader is not None), "a blocked read")
+    d.stop()
+    await asyncio.wait_for(run, WAIT)  # well before the read's minute
+    assert await redis.get(DispatchKeys(key_prefix).relay_lease) is None
+
+
+async def test_cancelling_a_relay_in_a_blocking_read_is_not_swallowed(
+        make_dispatcher: MakeDispatcher, make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only `stop()`'s own interruption of a read ends it quietly; a cancel from outside propagates."""
+    monkeypatch.setattr("shared.bus.relay.RELAY_BLOCK_MS", 60_000)
+    d = make_dispatcher(events=await make_bus(), relay_lease_seconds=180.0)
+    run = asyncio.create_task(d.run())
+    await asyncio.wait_for(d.ready.wait(), WAIT)
+    await eventually(lambda: _async(d.relay is not None and d.relay._reader is not None), "a blocked read")
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, WAIT)
+
+
+async def test_the_relay_reads_on_after_its_connection_is_killed(make_dispatcher: MakeDispatcher,
+                                                                 make_bus: Any, redis: Any) -> None:
+    """The relay reads on a connection of its own: killed in the middle of a blocking read, it is
+    replaced, and nothing relayed is lost."""
+    bus = await make_bus()
+    listener = bus.listen("task.>")
+    d = make_dispatcher(events=bus)
+    async with running(d):
+        first = await d.submit(owner="alice", type="user.profile.update")
+        await d.cancel(first.task_id)
+        assert len(await collect(listener, {first.task_id})) == 2
+
+        async def blocked_reads() -> list[int]:
+            return [c["id"] for c in await redis.client_list() if c.get("cmd") == "xreadgroup"]
+
+        await eventually(lambda: _async_true(blocked_reads), "the relay blocked in a read")
+        for client_id in await blocked_reads():
+            await redis.client_kill_filter(_id=client_id)
+        second = await d.submit(owner="alice", type="user.profile.update")
+        await d.cancel(second.task_id)
+        assert [u.status for u in await collect(listener, {second.task_id})] == [
+            TaskStatus.QUEUED, TaskStatus.CANCELLED]
+
+
+async def _async_true(get: Callable[[], Awaitable[list[int]]]) -> bool:
+    return bool(await get())
+
+
+def test_the_relays_fast_update_is_the_model_construct_one() -> None:
+    """The relay builds its updates without pydantic's `model_construct` walk over the fields: the
+    model must come out the same (dict, fields set, dumps, equality), or a pydantic upgrade broke it."""
+    from shared.bus.relay import _UPDATE_FIELDS, _built_update
+
+    values = {"task_id": "ai.x", "queue": "ai", "type": "ai.chat", "owner": "u", "meeting_id": None,
+              "status": TaskStatus.COMPLETED, "progress": None, "delta": None, "result": {"a": [1, 2]},
+              "error": None, "attempts": 2, "position": None, "reason": None, "at": 1.5, "seq": "1500-0"}
+    assert set(values) == set(_UPDATE_FIELDS)
+    fast, slow = _built_update(dict(values)), TaskUpdate.model_construct(**values)
+    assert fast == slow
+    assert fast.__dict__ == slow.__dict__ and fast.model_fields_set == slow.model_fields_set
+    assert fast.model_dump(mode="json") == slow.model_dump(mode="json")
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert repr(fast) == repr(slow)
+    fast.position = 3  # assignment works as on any model
+    assert fast.position == 3 and "position" in fast.model_fields_set

@@ -1146,19 +1146,19 @@ async def test_a_hand_off_racing_the_inbox_timeout_is_not_stranded(make_queue: M
     """
     queue = make_queue(lease_seconds=0.5)
     runs: list[str] = []
-    wait_inbox = queue.wait_inbox
+    dequeue_then_wait = queue.dequeue_then_wait
     raced = False
 
-    async def racy_wait_inbox(worker: str, timeout: float) -> Any:
+    async def racy_dequeue_then_wait(*args: Any, **kwargs: Any) -> Any:
         nonlocal raced
-        if not raced:
+        handed, cut = await dequeue_then_wait(*args, **kwargs)
+        if not raced and handed is None and not cut:  # its BLPOP has just timed out...
             raced = True
-            await queue.enqueue("t", "handed")  # handed to this worker, which is registered as idle
+            await queue.enqueue("t", "handed")  # ...and this is handed to it, still registered as idle
             await queue.enqueue_many([queue.message("t", f"busy-{i}") for i in range(8)])
-            return None  # ...but its BLPOP had just timed out
-        return await wait_inbox(worker, timeout)
+        return handed, cut
 
-    queue.wait_inbox = racy_wait_inbox  # type: ignore[method-assign]
+    queue.dequeue_then_wait = racy_dequeue_then_wait  # type: ignore[method-assign]
 
     async def handler(ctx: Any) -> None:
         runs.append(ctx.payload)
@@ -1169,6 +1169,70 @@ async def test_a_hand_off_racing_the_inbox_timeout_is_not_stranded(make_queue: M
         await asyncio.sleep(0.3)  # room for a stale second run to show up
     assert runs.count("handed") == 1, f"the handed message ran {runs.count('handed')} times: {runs}"
     assert runs[0] == "handed", f"the first message enqueued ran at #{runs.index('handed')}: {runs}"
+
+
+async def test_dequeue_then_wait_hands_over_what_arrives_during_the_wait(make_queue: MakeQueue) -> None:
+    """Settle, lease and the inbox wait in one round trip: nothing to lease, so the worker waits, and a
+    message enqueued meanwhile is handed to it (already leased); the acks rode along."""
+    queue = make_queue()
+    first = await queue.enqueue("t", "first")
+    (delivery,), _ = await queue.dequeue(1, "w")
+    calls: list[tuple[list[Any], float | None]] = []
+    settle = [delivery.id, delivery.token, "done", '"ok"', ""]
+
+    async def produce() -> Any:
+        await asyncio.sleep(0.2)
+        return await queue.enqueue("t", "second")
+
+    producer = asyncio.create_task(produce())
+    handed, cut = await queue.dequeue_then_wait(5, "w", None, 10.0, settle, 5.0,
+                                                lambda got, due: calls.append((got, due)))
+    second = await producer
+    assert calls == [([], calls[0][1])]  # told first: nothing leased
+    assert not cut and handed is not None and handed.id == second.id
+    assert handed.message is not None and handed.message.payload == "second"
+    assert (await queue.get(first.id)).status is TaskStatus.COMPLETED
+    assert (await queue.get(second.id)).status is TaskStatus.PROCESSING
+
+
+async def test_dequeue_then_wait_does_not_wait_with_no_room_left(make_queue: MakeQueue, redis: Any) -> None:
+    """A worker that got all it asked for is not kept waiting, and its inbox is left empty."""
+    queue = make_queue()
+    await queue.enqueue_many([queue.message("t", i) for i in range(3)])
+    leased: list[Any] = []
+    started = time.monotonic()
+    handed, cut = await queue.dequeue_then_wait(2, "w", None, 10.0, [], 30.0,
+                                                lambda got, due: leased.extend(got))
+    assert time.monotonic() - started < 15.0  # not the 30 s wait
+    assert cut and handed is None
+    assert [d.message.payload for d in leased if d.message] == [0, 1]
+    assert await redis.llen(queue.keys.inbox("w")) == 0
+
+
+async def test_dequeue_then_wait_is_cut_short_when_something_falls_due_first(make_queue: MakeQueue) -> None:
+    """A delayed message due before the wait would end cuts it short; the caller learns when it is due."""
+    queue = make_queue()
+    await queue.enqueue("t", "later", delay=0.5)
+    dues: list[float | None] = []
+    started = time.monotonic()
+    handed, cut = await queue.dequeue_then_wait(5, "w", None, 10.0, [], 30.0,
+                                                lambda got, due: dues.append(due))
+    assert time.monotonic() - started < 15.0  # not the 30 s wait
+    assert cut and handed is None
+    assert dues[0] is not None and 0 < dues[0] <= 0.5
+
+
+async def test_dequeue_then_wait_loads_its_script_when_redis_lost_it(make_queue: MakeQueue,
+                                                                    redis: Any) -> None:
+    """After SCRIPT FLUSH (or a restart) the call is refused with NOSCRIPT: the script is loaded and the
+    pair sent again, with no wait left blocking behind the refused call."""
+    queue = make_queue()
+    await queue.enqueue("t", "x")
+    await redis.script_flush()
+    leased: list[Any] = []
+    handed, cut = await queue.dequeue_then_wait(1, "w", None, 10.0, [], 30.0,
+                                                lambda got, due: leased.extend(got))
+    assert cut and handed is None and len(leased) == 1
 
 
 # -- 12. dead letters ------------------------------------------------------------------------------

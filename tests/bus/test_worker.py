@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from shared.bus import Context, Queue, Reject, Retry, Router, TaskStatus, Worker
+from shared.bus.relay import stream_id
 
 WAIT = 15.0  # generous: a task that is merely slow never fails a test, only a wrong outcome does
 
@@ -150,7 +151,8 @@ async def test_retry_backoff_is_exponential_with_full_jitter(make_queue, run_wor
             # the delay is honoured: the next delivery comes no earlier than it asked. (Measured from
             # `due`, the script's clock plus the delay: the retry's own entry id is stamped as its
             # XADD runs, which in a batch of settles can be a few ms after that clock was read.)
-            later = [x for x in mine if x["status"] == "processing" and x["entry"] > e["entry"]]
+            later = [x for x in mine
+                     if x["status"] == "processing" and stream_id(x["entry"]) > stream_id(e["entry"])]
             assert int(e["due"]) - entry_ms(e) <= delay
             assert later and entry_ms(later[0]) >= int(e["due"])
     # jitter: the delays differ; exponential: the third retry's cap (80 ms) is used beyond the second
@@ -394,14 +396,16 @@ async def test_a_cancel_that_lands_before_the_handler_starts_frees_its_slot(make
         ran.append(ctx.payload)
 
     worker = Worker(queue, {"work": work}, concurrency=1, poll_seconds=0.05)
-    real_dequeue, real_start = queue.dequeue, worker._start
+    real_start = worker._start
 
-    async def dequeue(*args: Any, **kwargs: Any) -> Any:
-        deliveries, due = await real_dequeue(*args, **kwargs)
+    async def dequeue_then_wait(count: int, worker_id: str, lease: Any, idle: float, settle: Any,
+                                wait: float, leased: Any) -> Any:
+        deliveries, due = await queue.dequeue(count, worker_id, lease, idle, settle=settle)
         for d in deliveries:
             if d.message is not None and d.message.payload == "victim":
                 await queue.cancel(d.id)  # a user cancels it just as it is leased
-        return deliveries, due
+        leased(deliveries, due)
+        return None, True  # as if the wait was cut short: the worker waits on its own
 
     def start(delivery: Any) -> bool:
         started = real_start(delivery)
@@ -409,7 +413,7 @@ async def test_a_cancel_that_lands_before_the_handler_starts_frees_its_slot(make
             worker._on_control({"data": delivery.id})  # the control message, before the first step
         return started
 
-    queue.dequeue = dequeue  # type: ignore[method-assign]
+    queue.dequeue_then_wait = dequeue_then_wait  # type: ignore[method-assign]
     worker._start = start  # type: ignore[method-assign]
     runner = asyncio.create_task(worker.run())
     try:
@@ -680,23 +684,19 @@ async def test_a_burst_landing_between_inbox_waits_runs_each_message_once(make_q
         await asyncio.sleep(1.0)  # two lease periods: held leases must be renewed
 
     worker = Worker(queue, {"work": work}, concurrency=2, poll_seconds=0.2)
-    real_wait_inbox, real_dequeue = queue.wait_inbox, queue.dequeue
+    real = queue.dequeue_then_wait
     burst: list[Any] = []
     timed_out = False
 
-    async def wait_inbox(*args: Any, **kwargs: Any) -> Any:
+    async def dequeue_then_wait(*args: Any, **kwargs: Any) -> Any:
         nonlocal timed_out
-        delivery = await real_wait_inbox(*args, **kwargs)
-        timed_out = timed_out or delivery is None
-        return delivery
-
-    async def dequeue(*args: Any, **kwargs: Any) -> Any:
-        if timed_out and not burst:
+        if timed_out and not burst:  # after a wait that timed out, before the next dequeue
             burst.extend(await queue.enqueue_many([queue.message("work") for _ in range(3)]))
-        return await real_dequeue(*args, **kwargs)
+        handed, cut = await real(*args, **kwargs)
+        timed_out = timed_out or (handed is None and not cut)
+        return handed, cut
 
-    queue.wait_inbox = wait_inbox  # type: ignore[method-assign]
-    queue.dequeue = dequeue  # type: ignore[method-assign]
+    queue.dequeue_then_wait = dequeue_then_wait  # type: ignore[method-assign]
     runner = asyncio.create_task(worker.run())
     try:
         async def burst_sent() -> bool:

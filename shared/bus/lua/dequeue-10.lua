@@ -3,13 +3,20 @@
 -- enqueue hands it a message directly (see serve_idle).
 -- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
 -- ARGV[5] count   ARGV[6] lease ms   ARGV[7] worker id   ARGV[8] idle registration ttl ms (0: don't)
--- ARGV[9] record ttl ms   ARGV[10] per-second rate key prefix   then settle entries, as settle-10.lua
+-- ARGV[9] record ttl ms   ARGV[10] per-second rate key prefix
+-- ARGV[11] wait ms: how long the BLPOP on the worker's inbox that the caller sent right behind this
+--   call (same round trip) blocks; 0 if none. When the worker should not block (it got all it asked
+--   for, or something falls due before the wait would end), an empty entry (a wake-up) is pushed to
+--   its inbox, so that BLPOP returns at once.
+-- then settle entries, as settle-10.lua
 -- Returns: {ms until the next delayed message or lease deadline (-1: none), then one delivery
---   string per leased message (see lease_to)}
+--   string per leased message (see lease_to), then, with a wait, 1 if it was cut short, else 0}
 local count, lease, worker, idle_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-count = math.min(count, 1000)  -- bounded batches keep unpack() within Lua's stack
+local wait_ms = tonumber(ARGV[11])
+local asked = math.min(count, 1000)  -- bounded batches keep unpack() within Lua's stack
+count = asked
 local now = now_ms()
-if #ARGV > 10 then settle_from(11, ARGV[9], ARGV[10]) end
+if #ARGV > 11 then settle_from(12, ARGV[9], ARGV[10]) end
 
 -- 1. Leases whose worker died: back to the front of their level, or dead when out of attempts.
 --    A delivery still unread in the worker's inbox never ran: it is taken back, uncharged.
@@ -101,4 +108,11 @@ if #d > 0 then nxt = tonumber(d[2]) end
 local l = redis.call('ZRANGE', Q.leases, 0, 0, 'WITHSCORES')
 if #l > 0 and (nxt < 0 or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
 if nxt >= 0 then out[1] = math.max(0, nxt - now) end
+
+-- 6. The wait behind this call: cut short unless the worker has room and nothing falls due first.
+if wait_ms > 0 then
+  local cut = (asked > 0 and count <= leased) or (nxt >= 0 and nxt - now < wait_ms)
+  if cut then redis.call('RPUSH', inbox, '') end
+  out[#out + 1] = cut and 1 or 0
+end
 return out
