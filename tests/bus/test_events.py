@@ -149,11 +149,30 @@ async def test_a_service_that_was_down_catches_up(make_bus: MakeBus) -> None:
     restarted = make_bus("media")
     restarted.subscribe("meeting.*", recorder(later))
     await restarted.start()
-    await until(lambda: len(later) >= 10, "the missed events")
+    try:
+        await until(lambda: len(later) >= 10, "the missed events")
+    except AssertionError as exc:  # say where the events are, to tell a lost read from a slow one
+        raise AssertionError(f"{exc}: got {len(later)}; {await _where(restarted)}") from None
     await asyncio.sleep(0.3)
     # In order, and without the one acknowledged before the stop.
     assert [e.data.meeting_id for e in later] == [e.data.meeting_id for e in missed]
     assert before.id not in {e.id for e in later}
+
+
+async def _where(bus: EventBus) -> str:
+    """The backend's own view of the service's group, for a failure message (Redis only)."""
+    if bus.scheme != "redis":
+        return f"stats {bus.stats}"
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(bus.url)
+    try:
+        log = bus.keys.log  # type: ignore[attr-defined]
+        consumers = await redis.xinfo_consumers(log, bus.service)
+        pending = await redis.xpending(log, bus.service)
+        return f"stats {bus.stats}; consumers {consumers}; pending {pending}"
+    finally:
+        await redis.aclose()
 
 
 async def test_wildcards(make_bus: MakeBus) -> None:
