@@ -725,7 +725,7 @@ async def run(
                 **_summary(rt["round_trip_ms"]),
                 # the same clock, to the task's accepted frame and to its "processing" status frame
                 "to_accepted": _summary(rt["accepted_ms"]),
-                "to_processing": _summary(rt["processing_ms"]),
+                "to_processing": {"frames": len(rt["processing_ms"]), **_summary(rt["processing_ms"])},
                 "segments": await _segments(redis_url, prefix, rt["traces"]),
                 "errors": rt["errors"],
                 "error_count": rt["error_count"],

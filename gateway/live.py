@@ -83,6 +83,8 @@ class Live:
         if update.status is TaskStatus.QUEUED and update.reason is None:
             return  # the submission itself: its submitter had `accepted`, a watcher the current state
         self.hub.deliver_task(update.task_id, task_frame(update))
+        if update.status.terminal:  # its sessions have their result: unindexed (a replay needs a new watch)
+            self.hub.drop_task(update.task_id)
         for queue in self._sse.get(update.task_id, ()):
             queue.put_nowait(update)
 

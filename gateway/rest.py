@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Request
@@ -96,8 +96,10 @@ async def owned_record(dispatcher: Dispatcher, principal: Principal, task_id: st
     return record
 
 
-async def submit(dispatcher: Dispatcher, principal: Principal, task: TaskSubmit) -> Submitted:
+async def submit(dispatcher: Dispatcher, principal: Principal, task: TaskSubmit,
+                 on_id: Callable[[str], None] | None = None) -> Submitted:
     return await dispatcher.submit(
+        on_id=on_id,
         owner=principal.user,
         type=task.type,
         data=task.data,

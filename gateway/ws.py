@@ -143,9 +143,23 @@ class Connection:
             ) from None
         if not self.limiter.allow(self.principal.user):
             raise ApiError(429, "rate_limited", "too many submissions; slow down")
-        submitted = await submit(self.dispatcher, self.principal, task)
-        self.hub.watch_task(self.session, submitted.task_id)
-        self.session.push(
+        session, held = self.session, list[str]()
+
+        def hold(task_id: str) -> None:  # its updates may come before the enqueue's answer
+            self.hub.watch_task(session, task_id, hold=True)
+            held.append(task_id)
+
+        try:
+            submitted = await submit(self.dispatcher, self.principal, task, on_id=hold)
+        except BaseException:
+            for task_id in held:
+                self.hub.unwatch_task(session, task_id)
+            raise
+        if submitted.task_id not in held:  # a dedupe key in use: the existing task is the one watched
+            for task_id in held:
+                self.hub.unwatch_task(session, task_id)
+            self.hub.watch_task(session, submitted.task_id)
+        session.push(
             {
                 "type": "accepted",
                 "id": frame.get("id"),
@@ -154,6 +168,7 @@ class Connection:
                 "position": submitted.position,
             }
         )
+        self.hub.release_task(session, submitted.task_id)
 
     async def on_cancel(self, frame: dict[str, Any]) -> None:
         task_id = frame.get("task_id")

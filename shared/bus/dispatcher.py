@@ -19,7 +19,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -117,11 +117,19 @@ class Dispatcher:
 
     async def submit(self, *, owner: str, type: str, data: Any = None, priority: str | int = "normal",
                      timeout_s: float | None = None, delay_s: float | None = None,
-                     dedupe_key: str | None = None, meeting_id: str | None = None) -> Submitted:
+                     dedupe_key: str | None = None, meeting_id: str | None = None,
+                     on_id: Callable[[str], None] | None = None) -> Submitted:
         """Queue one task on its service's queue. ``timeout_s`` is its deadline from now (waiting
-        and running), also its handler's timeout; ``delay_s`` holds it back that long."""
+        and running), also its handler's timeout; ``delay_s`` holds it back that long.
+
+        ``on_id`` is called with the new task's id just before it is queued: a caller that routes
+        the task's updates registers for them there, as they may come before this call returns. (A
+        ``dedupe_key`` already in use returns the existing task instead, and the new id is unused.)
+        """
         queue, message = self._build(owner, type, data, priority, timeout_s, dedupe_key, meeting_id)
         delay = _delay(delay_s)
+        if on_id is not None:
+            on_id(message.id)
         await self._set_deadlines([message])
         try:
             done = await queue.enqueue(message, delay=delay)

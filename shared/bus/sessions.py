@@ -128,8 +128,9 @@ class Session:
     Pass ``epoch=`` to say which attachment explicitly.
     """
 
-    __slots__ = ("_ended", "_epoch", "_hub", "_outbox", "_replay", "_replay_bytes", "_seq", "_stamps",
-                 "_waiter", "detached_at", "id", "last_seen", "roles", "state", "tasks", "topics", "user")
+    __slots__ = ("_ended", "_epoch", "_held", "_hub", "_outbox", "_replay", "_replay_bytes", "_seq",
+                 "_stamps", "_waiter", "detached_at", "id", "last_seen", "roles", "state", "tasks", "topics",
+                 "user")
 
     id: str
     user: str
@@ -155,6 +156,7 @@ class Session:
         self._waiter: asyncio.Future[None] | None = None  # the writer, parked until a push or an end
         self._epoch = 1
         self._ended: tuple[int, int, str] | None = None  # (epoch, close code, reason) of the last end
+        self._held: dict[str, list[str]] | None = None  # task id -> its frames, until `release_task`
         self._remember()
 
     def __repr__(self) -> str:
@@ -275,6 +277,7 @@ class Session:
     def close(self, code: int = CLOSE_NORMAL, reason: str = "session closed") -> None:
         """-> CLOSED, for good: frees the replay buffer and leaves the hub (see `SessionHub.forget`)."""
         self._end(SessionState.CLOSED, code, reason, self._hub._clock())
+        self._held = None
         self._replay.clear()
         self._stamps.clear()
         self._replay_bytes = 0
@@ -447,18 +450,44 @@ class SessionHub:
 
     # -- routing ----------------------------------------------------------------------------------
 
-    def watch_task(self, session: Session, task_id: str) -> None:
-        """Send ``task_id``'s updates to ``session``."""
+    def watch_task(self, session: Session, task_id: str, *, hold: bool = False) -> None:
+        """Send ``task_id``'s updates to ``session``.
+
+        With ``hold``, they are kept aside until `release_task`. A submitter watches its task before
+        queueing it, so no update can come before anyone listens (a worker may start it, and the relay
+        read that, before the enqueue's answer is back), and releases it once its ``accepted`` frame
+        is pushed, so that frame still comes first.
+        """
         _check_open(session)
         session.tasks.add(task_id)
         self._by_task.setdefault(task_id, {})[session] = None
+        if hold:
+            if session._held is None:
+                session._held = {}
+            session._held.setdefault(task_id, [])
+
+    def release_task(self, session: Session, task_id: str) -> int:
+        """Push the frames held for ``task_id`` (oldest first); later ones go out directly. How many."""
+        held = session._held.pop(task_id, None) if session._held else None
+        if not session._held:
+            session._held = None
+        if not held or session.state is SessionState.CLOSED:
+            return 0
+        now = self._clock()
+        for body in held:
+            session._push_encoded(body, now)
+        return len(held)
 
     def unwatch_task(self, session: Session, task_id: str) -> None:
+        """Stop sending ``task_id``'s updates to ``session``; any held for it are dropped."""
         session.tasks.discard(task_id)
         _discard(self._by_task, task_id, session)
+        if session._held:
+            session._held.pop(task_id, None)
 
     def drop_task(self, task_id: str) -> int:
-        """``task_id`` is over: stop routing it to anyone; how many sessions watched it."""
+        """``task_id`` is over: stop routing it to anyone; how many sessions watched it. Frames held
+        for it (`watch_task`) stay held until released."""
         watchers = self._by_task.pop(task_id, {})
         for session in watchers:
             session.tasks.discard(task_id)
@@ -493,8 +522,19 @@ class SessionHub:
         return list(found)
 
     def deliver_task(self, task_id: str, frame: dict[str, Any]) -> int:
-        """Push ``frame`` (not modified) to every session watching ``task_id``; how many."""
-        return self._deliver(self.sessions_for_task(task_id), frame)
+        """Push ``frame`` (not modified) to every session watching ``task_id``, or hold it for those
+        that hold the task (`watch_task`); how many sessions."""
+        watchers = self._by_task.get(task_id)
+        if not watchers:
+            return 0
+        body, now = _encode(frame), self._clock()
+        for session in list(watchers):
+            held = session._held
+            if held is not None and task_id in held:
+                held[task_id].append(body)
+            else:
+                session._push_encoded(body, now)
+        return len(watchers)
 
     def deliver_topic(self, topic: str, frame: dict[str, Any]) -> int:
         """Push ``frame`` (not modified) to every session subscribed to ``topic`` or a matching pattern."""

@@ -402,6 +402,42 @@ def test_unwatch_and_drop_task(make_hub: Any) -> None:
     assert hub.sessions_for_task("t1") == [] and bob.tasks == set()
 
 
+def test_a_held_task_gets_its_frames_only_after_release_in_order(make_hub: Any) -> None:
+    """A submitter holds its task from before the enqueue: updates that beat the enqueue's answer wait
+    for the ``accepted`` frame; another session watching the task is not held up."""
+    hub = make_hub()
+    ann, bob = welcomed(hub, "ann"), welcomed(hub, "bob")
+    hub.watch_task(ann, "t1", hold=True)
+    hub.watch_task(bob, "t1")
+    drain(ann), drain(bob)
+    processing = {"type": "status", "task_id": "t1", "status": "processing"}
+    result = {"type": "result", "task_id": "t1", "status": "completed", "result": 1}
+    assert hub.deliver_task("t1", processing) == 2
+    assert hub.deliver_task("t1", result) == 2
+    assert hub.drop_task("t1") == 2  # finished before its submitter was told: what was held stays held
+    assert drain(ann) == [] and [json.loads(t)["type"] for t in drain(bob)] == ["status", "result"]
+    ann.push({"type": "accepted", "task_id": "t1"})
+    assert hub.release_task(ann, "t1") == 2
+    assert [(f["type"], f["seq"]) for f in map(json.loads, drain(ann))] == [
+        ("accepted", 1), ("status", 2), ("result", 3)]
+    assert hub.release_task(ann, "t1") == 0 and ann._held is None
+
+
+def test_a_released_task_is_delivered_directly_and_an_unwatched_hold_is_dropped(make_hub: Any) -> None:
+    hub = make_hub()
+    ann = welcomed(hub, "ann")
+    hub.watch_task(ann, "t1", hold=True)
+    hub.watch_task(ann, "t2", hold=True)
+    drain(ann)
+    assert hub.release_task(ann, "t1") == 0  # nothing came while held
+    hub.deliver_task("t1", {"type": "status", "task_id": "t1"})
+    assert [json.loads(t)["task_id"] for t in drain(ann)] == ["t1"]
+    hub.deliver_task("t2", {"type": "status", "task_id": "t2"})
+    hub.unwatch_task(ann, "t2")  # its submit failed: the held frame goes with it
+    assert hub.release_task(ann, "t2") == 0 and drain(ann) == [] and ann._held is None
+    assert ann.tasks == {"t1"}
+
+
 def test_deliver_topic_matches_exact_topics_and_patterns_once_each(make_hub: Any) -> None:
     hub = make_hub()
     exact, star, rest, both = (hub.open(u) for u in ("exact", "star", "rest", "both"))

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import websockets
 
+from shared.bus import Queue
+
 from .conftest import SECRET, Client, auth, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,6 +248,40 @@ async def test_ws_submit_streams_progress_in_order_then_the_result(
     assert frames[-1]["status"] == "completed" and frames[-1]["result"] == {"summary": "one two three four"}
 
 
+async def test_ws_updates_that_come_before_the_enqueue_answers_wait_for_accepted(
+    connect: Any, token: Token, service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker may start (and finish) a task, and the relay read it, before the enqueue's answer
+    is back at the gateway. Here the answer comes a second late: nothing is lost, accepted is first."""
+    enqueue = Queue.enqueue
+    finished = asyncio.Event()
+
+    async def late_answer(self: Queue, *args: Any, **kwargs: Any) -> Any:
+        done = await enqueue(self, *args, **kwargs)
+        await asyncio.wait_for(finished.wait(), 10)
+        return done
+
+    monkeypatch.setattr(Queue, "enqueue", late_answer)
+    async with connect(token()) as client:
+        await client.recv()  # welcome
+        await client.send({"type": "submit", "id": "r1", "task": "ai.summarize", "data": {"text": "a b"}})
+        ai = next(w.queue for w in service if w.queue.name == "ai")
+        for _ in range(500):  # the task runs to its end while the answer is held back
+            if (await ai.stats()).processed >= 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the task did not run")
+        await asyncio.sleep(0.3)  # ...and the relay has read it
+        finished.set()
+        frames = await client.until(is_result)
+    assert frames[0]["type"] == "accepted" and frames[0]["id"] == "r1"
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [f.get("status") for f in frames if f["type"] == "status"] == ["processing"]
+    assert [f["delta"] for f in frames if f["type"] == "progress"] == ["a", "b"]
+    assert frames[-1]["status"] == "completed" and frames[-1]["task_id"] == frames[0]["task_id"]
+
+
 async def test_ws_announces_queueing_once_and_says_why_a_task_is_queued_again(
     connect: Any, token: Token, service: Any
 ) -> None:
@@ -425,3 +461,21 @@ async def test_two_gateway_processes_a_task_reaches_the_socket_on_the_other(
             proc.wait(timeout=20)
         for log in logs:
             log.close()
+
+
+def test_a_finished_task_leaves_the_sessions_index() -> None:
+    """A session submitting for hours must not keep every task it ever had: the result unindexes it."""
+    from gateway.live import Live
+    from shared.bus.dispatcher import TaskUpdate
+    from shared.bus.sessions import SessionHub
+
+    hub = SessionHub()
+    live = Live(events=None, hub=hub)  # type: ignore[arg-type]  # routing only: no broadcast read here
+    session = hub.open("ann")
+    hub.watch_task(session, "ai.t1")
+    update = {"task_id": "ai.t1", "queue": "ai", "type": "ai.summarize", "owner": "ann", "at": 1.0}
+    live.update(TaskUpdate(**update, status="processing", seq="1-0"))
+    assert hub.sessions_for_task("ai.t1") == [session]
+    live.update(TaskUpdate(**update, status="completed", result={"ok": 1}, seq="2-0"))
+    assert hub.sessions_for_task("ai.t1") == [] and session.tasks == set()
+    assert [json.loads(t)["type"] for t in session._outbox or ()] == ["status", "result"]
