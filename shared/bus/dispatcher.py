@@ -128,6 +128,7 @@ class Dispatcher:
         """
         queue, message = self._build(owner, type, data, priority, timeout_s, dedupe_key, meeting_id)
         delay = _delay(delay_s)
+        self._remember([message])
         if on_id is not None:
             on_id(message.id)
         await self._set_deadlines([message])
@@ -171,6 +172,7 @@ class Dispatcher:
         for n, ((queue, _), delay) in enumerate(zip(built, delays, strict=True)):
             groups.setdefault((queue.name, delay), []).append(n)
         await self._set_deadlines([m for _, m in built])
+        self._remember([m for _, m in built])
         answers = await asyncio.gather(*(
             self.queues[name].enqueue_many([built[n][1] for n in members], delay=delay, positions=True)
             for (name, delay), members in groups.items()))
@@ -188,6 +190,14 @@ class Dispatcher:
         message = queue.message(type, data, id=f"{queue.name}.{new_id()}", priority=priority, owner=owner,
                                 timeout=timeout_s, dedupe_key=dedupe_key, meeting_id=meeting_id)
         return queue, message
+
+    def _remember(self, messages: Sequence[Message]) -> None:
+        """Tell this instance's relay what the tasks' status entries do not say, before they are
+        queued: a worker may start one, and the relay read that, before the enqueue's answer is back
+        (then the relay had to look the task up: a round trip more for that whole batch)."""
+        if self.relay is not None:
+            for m in messages:
+                self.relay.remember(m.id, m.type, m.owner, m.meeting_id)
 
     async def _set_deadlines(self, messages: Sequence[Message]) -> None:
         """Record the deadlines before enqueueing: a task never runs without its deadline known."""
@@ -211,10 +221,8 @@ class Dispatcher:
             records = await asyncio.gather(*(_record_or_none(q, task_id) for q, task_id in hits))
             existing = {task_id: r for (_, task_id), r in zip(hits, records, strict=True)}
         out = []
-        for (queue, message), d in zip(built, done, strict=True):
+        for (queue, _), d in zip(built, done, strict=True):
             if d.created:
-                if self.relay is not None:
-                    self.relay.remember(d.id, message.type, message.owner, message.meeting_id)
                 out.append(Submitted(task_id=d.id, queue=queue.name, status=TaskStatus.QUEUED,
                                      position=d.position, created=True))
             else:

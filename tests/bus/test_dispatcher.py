@@ -489,6 +489,27 @@ async def test_the_relay_hands_updates_to_its_local_hook_before_broadcasting_the
     assert bus.stats.broadcast_skipped == 5
 
 
+async def test_the_relay_knows_a_task_before_it_is_queued(
+        make_dispatcher: MakeDispatcher, make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker may start a task, and the relay read that, before the enqueue's answer is back: the
+    relay must know the task's type, owner and meeting already, or it looks them up (a round trip
+    more for the whole batch)."""
+    d = make_dispatcher(events=await make_bus())
+    assert d.relay is not None
+    known_when_queued: list[tuple[Any, ...] | None] = []
+    enqueue_many = Queue.enqueue_many  # `enqueue` goes through it too
+
+    async def spy(self: Queue, messages: Any, **kwargs: Any) -> Any:
+        known_when_queued.extend(d.relay._tasks.get(m.id) if d.relay else None for m in messages)
+        return await enqueue_many(self, messages, **kwargs)
+
+    monkeypatch.setattr(Queue, "enqueue_many", spy)
+    await d.submit(owner="alice", type="ai.chat", data={"q": "hi"}, meeting_id="m1")
+    await d.submit_batch(owner="bob", items=[{"type": "media.cover", "data": {}}, {"type": "ai.chat"}])
+    assert sorted(known_when_queued, key=str) == sorted(
+        [("ai.chat", "alice", "m1"), ("ai.chat", "bob", None), ("media.cover", "bob", None)], key=str)
+
+
 async def test_a_relay_broadcasting_when_followed_sends_nothing_while_it_alone_follows(
         make_dispatcher: MakeDispatcher, make_bus: Any, run_worker: RunWorker, redis: Any,
         key_prefix: str) -> None:
