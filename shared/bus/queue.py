@@ -25,10 +25,10 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .connection import translates_unreachable, unreachable_as_bus_error
-from .errors import InvalidMessage, MessageTooLarge, TaskNotFound, describe
+from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound, describe
 from .keys import DEFAULT_PREFIX, QueueKeys
 from .leases import LeaseOps, to_ms
 from .message import Message, TaskRecord, TaskStatus, new_id, new_traceparent
@@ -94,6 +94,10 @@ class Queue(LeaseOps):
         self._scripts = Scripts(redis)
         self._layout = self.keys.layout()
         self._head = [self.keys.task_prefix, self.keys.inbox_prefix, events_maxlen, self._weight]
+        # enqueue calls made while one is in flight, sent together next (see `_enqueue_call`)
+        self._enqueuing = False
+        self._riders: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._rider_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r})"
@@ -138,10 +142,10 @@ class Queue(LeaseOps):
         BLPOP's. A script Redis does not have cached is loaded and the pair sent again: the BLPOP
         behind the refused call would block to no purpose, so that connection is dropped."""
         with unreachable_as_bus_error(f"{script} and an inbox wait on queue {self.name!r}"):
-            command = ("EVALSHA", self._scripts.sha(script), len(self._layout), *self._layout,
-                       *self._head, *args)
             pool = self.redis.connection_pool
             for attempt in range(2):
+                command = ("EVALSHA", self._scripts.sha(script), len(self._layout), *self._layout,
+                           *self._head, *args)
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
                 try:
                     await conn.send_packed_command(conn.pack_commands([command, ("BLPOP", key, timeout)]))
@@ -165,6 +169,86 @@ class Queue(LeaseOps):
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
             return await self._scripts.run(script, keys, args)
+
+    async def _run_each(self, script: str, calls: list[list[Any]]) -> list[Any]:
+        """Run a layout script once per element of ``calls``, in order, all in one write on one
+        connection; each answer in its place, an error answer as its exception. Calls that Redis
+        refused because it no longer has the script cached (NOSCRIPT: they did not run) are sent
+        again once it is loaded."""
+        answers: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        pool = self.redis.connection_pool
+        with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
+            for attempt in range(2):
+                sha = self._scripts.sha(script)
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                try:
+                    await conn.send_packed_command(conn.pack_commands(
+                        [("EVALSHA", sha, len(self._layout), *self._layout, *self._head, *calls[n])
+                         for n in todo]))
+                    for n in todo:
+                        try:
+                            answers[n] = await conn.read_response()
+                        except ResponseError as exc:  # read in full: the next answer is next
+                            answers[n] = exc
+                except BaseException:
+                    await conn.disconnect()  # answers may be left unread: not reusable
+                    raise
+                finally:
+                    await pool.release(conn)
+                todo = [n for n in todo if isinstance(answers[n], NoScriptError)]
+                if not todo or attempt:
+                    break
+                await self._scripts.load(script)
+        return answers
+
+    async def _enqueue_call(self, args: list[Any]) -> Any:
+        """One call of the enqueue script. Calls made while another is in flight wait, and then go
+        together in one write (`_run_each`, in the order they were made): under a burst, say a
+        gateway catching up after a stall, a write and a read are paid per batch, not per call. A
+        lone call goes at once, as before."""
+        if self._enqueuing:
+            rider: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._riders.append((args, rider))
+            return await rider
+        self._enqueuing = True
+        try:
+            return await self._run_layout("enqueue", args)
+        finally:
+            if self._riders:
+                self._rider_task = asyncio.create_task(self._send_riders())
+            else:
+                self._enqueuing = False
+
+    async def _send_riders(self) -> None:
+        try:
+            while self._riders:
+                batch = [(args, rider) for args, rider in self._riders if not rider.done()]  # not given up
+                self._riders = []
+                if not batch:
+                    continue
+                try:
+                    answers = await self._run_each("enqueue", [args for args, _ in batch])
+                except BaseException as exc:
+                    for _, rider in batch:
+                        if not rider.done():
+                            rider.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, rider), answer in zip(batch, answers, strict=True):
+                    if rider.done():
+                        continue
+                    if isinstance(answer, Exception):
+                        rider.set_exception(answer)
+                    else:
+                        rider.set_result(answer)
+        finally:
+            self._enqueuing = False
+            for _, rider in self._riders:  # only if cancelled midway: nothing may wait forever
+                if not rider.done():
+                    rider.set_exception(BusConnectionError(f"enqueue on queue {self.name!r} was interrupted"))
+            self._riders = []
 
     # -- producing ------------------------------------------------------------------------------
 
@@ -274,7 +358,7 @@ class Queue(LeaseOps):
         head = [self.keys.dedupe_prefix, "1" if positions else "0"]
         chunks = [args[i:i + MAX_BATCH_ARGS] for i in range(0, len(args), MAX_BATCH_ARGS)]
         if len(chunks) == 1:
-            answers = [await self._run_layout("enqueue", head + chunks[0])]
+            answers = [await self._enqueue_call(head + chunks[0])]
         else:  # one pipeline: one round trip, chunks applied in order
             answers = await self._pipeline("enqueue", [head + c for c in chunks])
         out: list[Enqueued] = []
