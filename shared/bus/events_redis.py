@@ -26,7 +26,9 @@ service through FastStream's `RedisBroker`, and pub/sub for broadcasts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,6 +37,8 @@ from faststream import AckPolicy
 from faststream.redis import RedisBroker, StreamSub
 from faststream.redis.annotations import RedisBatchStreamMessage, RedisStreamMessage
 from faststream.redis.message import DATA_KEY
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from .connection import UNREACHABLE, HiredisPackingConnection
 from .errors import BusConnectionError
@@ -50,7 +54,10 @@ class RedisEventBus(EventBus):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self.keys = EventKeys(self.prefix)
-        self.broker = RedisBroker(url, connection_class=HiredisPackingConnection, **BROKER_OPTIONS)
+        # Every connection of ours is named, so `_stop` can find any Redis has not yet let go of.
+        self._client_name = "mm-events:" + re.sub(r"[^\w.:-]", "_", self.consumer)
+        self.broker = RedisBroker(url, connection_class=HiredisPackingConnection,
+                                  client_name=self._client_name, **BROKER_OPTIONS)
         self._format = self.broker.message_format
         # (channel, body, done): channel None = a durable event (XADD), else a broadcast (PUBLISH)
         self._pending: list[tuple[str | None, bytes, asyncio.Future[None]]] = []
@@ -112,6 +119,38 @@ class RedisEventBus(EventBus):
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.broker.stop()
+        await self._let_go()
+
+    async def _let_go(self) -> None:
+        """Make sure Redis holds no read of ours once `stop` returns, then hand back what we were
+        given and did not acknowledge.
+
+        FastStream's stop cancels its blocking ``XREADGROUP`` and closes the connection, but Redis
+        may not have dropped that read yet when the next event is added: seen in the test suite, the
+        event then went to this stopped consumer and waited ``ack_wait`` (30 s) to be reclaimed.
+        So our connections still listed are killed (``CLIENT KILL`` frees them before it answers),
+        and entries left pending to this consumer are marked idle for ``ack_wait``: the next
+        reclaim of any replica (one runs as a replica starts) takes them at once. Best effort: a
+        Redis that refuses ``CLIENT`` commands (ACLs) falls back on ``ack_wait``.
+        """
+        redis = Redis.from_url(self.url)
+        try:
+            with contextlib.suppress(ResponseError):
+                for client in await redis.client_list():
+                    if client.get("name") == self._client_name:
+                        with contextlib.suppress(ResponseError):
+                            await redis.client_kill_filter(_id=client["id"])
+            if self._subscriptions:
+                pending = await redis.xpending_range(self.keys.log, self.service, "-", "+", 1000,
+                                                     consumername=self.consumer)
+                ids = [p["message_id"] for p in pending]
+                if ids:
+                    await redis.xclaim(self.keys.log, self.service, self.consumer, 0, ids,
+                                       idle=int(self.ack_wait * 1000), justid=True)
+        except (*UNREACHABLE, ResponseError) as exc:  # nothing lost: reclaimed after ack_wait
+            log.warning("could not hand back unacknowledged events of %s: %r", self.consumer, exc)
+        finally:
+            await redis.aclose()
 
     async def _listen(self, pubsub: Any) -> None:
         """The process's one broadcast subscription (PSUBSCRIBE), fanned out in memory. Read with
