@@ -148,7 +148,8 @@ class RedisEventBus(EventBus):
                     await redis.xclaim(self.keys.log, self.service, self.consumer, 0, ids,
                                        idle=int(self.ack_wait * 1000), justid=True)
         except (*UNREACHABLE, ResponseError) as exc:  # nothing lost: reclaimed after ack_wait
-            log.warning("could not hand back unacknowledged events of %s: %r", self.consumer, exc)
+            if "NOGROUP" not in str(exc):  # NOGROUP: the stream is gone (dropped), and all with it
+                log.warning("could not hand back unacknowledged events of %s: %r", self.consumer, exc)
         finally:
             await redis.aclose()
 
