@@ -106,14 +106,6 @@ class Queue(LeaseOps):
         """Run one of the queue scripts that share the KEYS/ARGV layout of lua/_lib.lua."""
         return await self._run(script, self._layout, self._head + args)
 
-    async def _pipeline(self, script: str, calls: list[list[Any]]) -> list[Any]:
-        """Run one layout script several times, in order, in one round trip."""
-        with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args in calls:
-                    await self._scripts.run(script, self._layout, self._head + args, client=pipe)
-                return list(await pipe.execute())
-
     async def _stream(self, script: str, calls: Iterable[list[Any]]) -> list[Any]:
         """Run a layout script once per element of ``calls``, in order, on one connection: each call
         is sent as soon as it is built and the answers are read at the end, so Redis runs call k
@@ -287,7 +279,7 @@ class Queue(LeaseOps):
         positions: bool = False,
     ) -> list[Enqueued]:
         """Enqueue a batch: validated first (nothing is written if one is bad), then 1,000 messages
-        per script call, each call atomic, all calls in one pipeline (one round trip, in order).
+        per script call, each call atomic, all calls in one write (one round trip, in order).
         ``positions=True`` also answers each message's position (one more lookup per message).
         """
         delay_ms = self._delay_ms(delay, at)
@@ -352,15 +344,18 @@ class Queue(LeaseOps):
             for n, task_id in enumerate(chunk_ids)]
 
     async def _send(self, args: list[Any], positions: bool) -> list[Enqueued]:
-        """Run the enqueue script over packed messages, 1,000 per call, the calls pipelined in order."""
+        """Run the enqueue script over packed messages, 1,000 per call, in order, in one write."""
         if not args:
             return []
         head = [self.keys.dedupe_prefix, "1" if positions else "0"]
         chunks = [args[i:i + MAX_BATCH_ARGS] for i in range(0, len(args), MAX_BATCH_ARGS)]
         if len(chunks) == 1:
             answers = [await self._enqueue_call(head + chunks[0])]
-        else:  # one pipeline: one round trip, chunks applied in order
-            answers = await self._pipeline("enqueue", [head + c for c in chunks])
+        else:  # one write: one round trip, chunks applied in order
+            answers = await self._run_each("enqueue", [head + c for c in chunks])
+            failed = next((a for a in answers if isinstance(a, Exception)), None)
+            if failed is not None:
+                raise failed
         out: list[Enqueued] = []
         for chunk, (dups, where) in zip(chunks, answers, strict=True):
             existing = {dups[j] - 1: dups[j + 1] for j in range(0, len(dups), 2)}
