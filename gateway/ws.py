@@ -143,7 +143,8 @@ class Connection:
             ) from None
         if not self.limiter.allow(self.principal.user):
             raise ApiError(429, "rate_limited", "too many submissions; slow down")
-        session, held = self.session, list[str]()
+        session = self.session
+        held: list[str] = []  # the id given before the enqueue (one; none if building failed)
 
         def hold(task_id: str) -> None:  # its updates may come before the enqueue's answer
             self.hub.watch_task(session, task_id, hold=True)

@@ -15,10 +15,11 @@ Every state change happens inside one Lua script and is appended to the queue's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,26 +107,33 @@ class Queue(LeaseOps):
         """Run one of the queue scripts that share the KEYS/ARGV layout of lua/_lib.lua."""
         return await self._run(script, self._layout, self._head + args)
 
+    @contextlib.asynccontextmanager
+    async def _borrowed(self) -> AsyncIterator[Any]:
+        """A pool connection for commands sent and read by hand, given back after. If the block
+        fails the connection is dropped: answers may be left unread, so it is not reusable."""
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            yield conn
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
     async def _stream(self, script: str, calls: Iterable[list[Any]]) -> list[Any]:
         """Run a layout script once per element of ``calls``, in order, on one connection: each call
         is sent as soon as it is built and the answers are read at the end, so Redis runs call k
         while call k+1 is being built (a pipeline builds them all before sending any)."""
         with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
             sha = await self._scripts.load(script)
-            pool = self.redis.connection_pool
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
+            async with self._borrowed() as conn:
                 sent = 0
                 for args in calls:
                     await conn.send_command("EVALSHA", sha, len(self._layout), *self._layout, *self._head,
                                             *args)
                     sent += 1
                 return [await conn.read_response() for _ in range(sent)]
-            except BaseException:
-                await conn.disconnect()  # answers may be left unread: this connection is not reusable
-                raise
-            finally:
-                await pool.release(conn)
 
     async def _run_then_blpop(self, script: str, args: list[Any], key: str, timeout: float,
                               answered: Callable[[Any], None]) -> tuple[Any, Any]:
@@ -134,28 +142,21 @@ class Queue(LeaseOps):
         BLPOP's. A script Redis does not have cached is loaded and the pair sent again: the BLPOP
         behind the refused call would block to no purpose, so that connection is dropped."""
         with unreachable_as_bus_error(f"{script} and an inbox wait on queue {self.name!r}"):
-            pool = self.redis.connection_pool
             for attempt in range(2):
                 command = ("EVALSHA", self._scripts.sha(script), len(self._layout), *self._layout,
                            *self._head, *args)
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                try:
+                async with self._borrowed() as conn:
                     await conn.send_packed_command(conn.pack_commands([command, ("BLPOP", key, timeout)]))
                     try:
                         first = await conn.read_response()
                     except NoScriptError:
                         if attempt:
                             raise
-                        await conn.disconnect()
+                        await conn.disconnect()  # the BLPOP behind it would block to no purpose
                         await self._scripts.load(script)
                         continue
                     answered(first)
                     return first, await conn.read_response()
-                except BaseException:
-                    await conn.disconnect()  # an answer may be left unread: not reusable
-                    raise
-                finally:
-                    await pool.release(conn)
             raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
@@ -169,12 +170,10 @@ class Queue(LeaseOps):
         again once it is loaded."""
         answers: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        pool = self.redis.connection_pool
         with unreachable_as_bus_error(f"{script} on queue {self.name!r}"):
             for attempt in range(2):
                 sha = self._scripts.sha(script)
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                try:
+                async with self._borrowed() as conn:
                     await conn.send_packed_command(conn.pack_commands(
                         [("EVALSHA", sha, len(self._layout), *self._layout, *self._head, *calls[n])
                          for n in todo]))
@@ -183,11 +182,6 @@ class Queue(LeaseOps):
                             answers[n] = await conn.read_response()
                         except ResponseError as exc:  # read in full: the next answer is next
                             answers[n] = exc
-                except BaseException:
-                    await conn.disconnect()  # answers may be left unread: not reusable
-                    raise
-                finally:
-                    await pool.release(conn)
                 todo = [n for n in todo if isinstance(answers[n], NoScriptError)]
                 if not todo or attempt:
                     break
