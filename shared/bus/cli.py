@@ -339,6 +339,7 @@ def service_cmd(
 def _register_sub_apps() -> None:
     # Imported here, not at the top: these modules import helpers from this one.
     from gateway.bench import bench_ws_cmd
+    from reliability.cli import register as register_chaos
 
     from .bench_events import bench_events_cmd
     from .cli_schedule import app as schedule_app
@@ -352,6 +353,7 @@ def _register_sub_apps() -> None:
     bench_app.command("ws")(bench_ws_cmd)
     register_up(app)
     register_submit(app)
+    register_chaos(app)
 
 
 _register_sub_apps()
