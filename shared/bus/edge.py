@@ -140,6 +140,9 @@ class _Call:
     timer: asyncio.TimerHandle
 
 
+# A node's answers that move a request to another node (nothing streamed yet): full (-21), its
+# waiting line full (-4), or the unit forgotten (-6: set up again elsewhere).
+_MOVE_ON = frozenset({ErrorCode.TASK_FULL, ErrorCode.PUSH_FAILED, ErrorCode.UNIT_NOT_FOUND})
 _LOST = object()     # put in a call's queue when its node is dropped
 _EXPIRED = object()  # ... when its deadline passes
 
@@ -361,7 +364,7 @@ class EdgeBridge:
 
     async def add_stackflow(self, host: str, port: int = 10001, *, models: list[str], capacity: int = 1,
                             name: str | None = None) -> None:
-        """Use a StackFlow unit manager at ``host:port`` (NDJSON over TCP) as one more node, serving
+        """Use a StackFlow unit manager at ``host:port`` (JSON over TCP) as one more node, serving
         ``models`` with ``capacity`` inferences at once; reconnects while the bridge runs."""
         from .stackflow_tcp import StackFlowBackend
 
@@ -508,7 +511,7 @@ class EdgeBridge:
                                                "were streamed; not retried") from None
                     self._stats.retried += 1
                 except StackFlowError as exc:
-                    if streamed or exc.code not in (ErrorCode.TASK_FULL, ErrorCode.UNIT_NOT_FOUND):
+                    if streamed or exc.code not in _MOVE_ON:
                         raise
                     if exc.code == ErrorCode.UNIT_NOT_FOUND:
                         node.units.pop(setup, None)  # the node forgot the unit: set up again elsewhere

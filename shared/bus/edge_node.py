@@ -46,15 +46,25 @@ log = logging.getLogger("meetmesh.edge.node")
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # sends one reply to whoever asked
 
 
+MAX_INPUT = 1 << 22  # characters of one streamed input, all chunks together; more gets -4
+
+
 @dataclass(eq=False)
 class Unit:
-    """One instance made by ``setup`` (``llm.1001``): its setup, model, and whether it is paused."""
+    """One instance made by ``setup`` (``llm.1001``): its setup, model, and whether it is paused.
+    Streamed input is buffered per origin (connection), by index, whatever the chunks' request ids."""
 
     work_id: str
     setup: SetupData
     model: Model
     paused: bool = False
-    inputs: dict[tuple[str, str], StreamAssembler] = field(default_factory=dict)  # (origin, request id)
+    inputs: dict[str, StreamAssembler] = field(default_factory=dict)  # by origin
+
+
+@dataclass(eq=False)
+class _Inference:
+    unit: Unit
+    task: asyncio.Task[None]
 
 
 class EdgeUnits:
@@ -62,27 +72,42 @@ class EdgeUnits:
     work, exit and taskinfo for any transport, which passes each raw request to `handle` with a
     ``send`` for the replies and an ``origin`` naming the connection.
 
-    ``capacity`` inferences run at once; one more gets -21 (task full), as does a setup beyond
-    ``max_units`` instances. Bad input gets StackFlow's error reply; nothing else is disturbed.
+    ``capacity`` inferences run at once; later ones wait their turn, first come first served (as
+    StackFlow's units take them one after another), up to ``max_waiting``; one more gets -4. A setup
+    beyond ``max_units`` instances gets -21 (task full). A setup naming a model this node does not
+    serve gets the node's first model, and its reply's ``data`` says which (``{"model": name}``).
+    Bad input gets StackFlow's error reply; nothing else is disturbed.
     """
 
-    def __init__(self, models: Sequence[Model], *, capacity: int = 1, max_units: int = 256) -> None:
-        if capacity < 1 or max_units < 1:
-            raise ConfigError("capacity and max_units must be >= 1")
+    def __init__(self, models: Sequence[Model], *, capacity: int = 1, max_units: int = 256,
+                 max_waiting: int = 64, max_input: int = MAX_INPUT) -> None:
+        if capacity < 1 or max_units < 1 or max_waiting < 0 or max_input < 1:
+            raise ConfigError("capacity, max_units and max_input must be >= 1, max_waiting >= 0")
+        if not models:
+            raise ConfigError("a node needs at least one model")
         self.models: dict[str, Model] = models_by_name(models)
-        self.capacity, self.max_units = capacity, max_units
+        self.default_model = models[0]
+        self.capacity, self.max_units, self.max_waiting = capacity, max_units, max_waiting
+        self.max_input = max_input
         self.units: dict[str, Unit] = {}
         self._next = 1001
-        self._running: dict[tuple[str, str], tuple[Unit, asyncio.Task[None]]] = {}
+        self._running: dict[tuple[str, str], _Inference] = {}  # (origin, request id): running or waiting
+        self._slots = asyncio.Semaphore(capacity)
         self.served = 0
 
     @property
     def running(self) -> int:
-        """Inferences running now."""
-        return len(self._running)
+        """Inferences running now (the first ``capacity`` accepted: slots are taken in order)."""
+        return min(len(self._running), self.capacity)
+
+    @property
+    def waiting(self) -> int:
+        """Inferences accepted and waiting for a slot."""
+        return max(0, len(self._running) - self.capacity)
 
     async def handle(self, raw: bytes | str, send: Send, *, origin: str = "") -> None:
         """Answer one request (an inference's answer is streamed by a task of its own)."""
+        request: Request | None = None
         try:
             request = parse_request(raw)
             await self._dispatch(request, send, origin)
@@ -90,13 +115,18 @@ class EdgeUnits:
             await send(exc.reply())
         except Exception as exc:  # a bug here must not take the node down for everyone else
             log.exception("request %r failed", raw[:200])
-            await send(make_reply("", UNIT, code=ErrorCode.UNIT_CALL, message=f"unit call false: {exc}"))
+            where = (request.request_id, request.work_id) if request is not None else ("0", "sys")
+            await send(make_reply(*where, code=ErrorCode.UNIT_CALL, message=f"unit call false: {exc}"))
 
     async def _dispatch(self, req: Request, send: Send, origin: str) -> None:
         where = {"request_id": req.request_id, "work_id": req.work_id}
-        if req.action == Action.PING:
+        unit_name = req.work_id.split(".", 1)[0]
+        if unit_name == "sys" and req.action == Action.PING:
             await send(make_reply(req.request_id, req.work_id))
             return
+        if unit_name != UNIT:  # StackFlow's unit manager finds no such unit to call
+            raise StackFlowError(ErrorCode.UNIT_CALL, f"unit call false: no unit {unit_name!r} here "
+                                 f"(this node runs {UNIT!r})", **where)
         if req.action == Action.SETUP:
             await send(self._setup(req))
             return
@@ -110,14 +140,12 @@ class EdgeUnits:
             self._inference(unit, req, send, origin)
             return
         if req.action == Action.TASKINFO:
-            info = {**unit.setup.model_dump(mode="json"), "inputs_": [unit.setup.input]
-                    if isinstance(unit.setup.input, str) else list(unit.setup.input), "paused": unit.paused}
-            await send(make_reply(req.request_id, unit.work_id, object="llm.taskinfo", data=info))
+            await send(make_reply(req.request_id, unit.work_id, object="llm.taskinfo", data=taskinfo(unit)))
             return
         if req.action in (Action.PAUSE, Action.EXIT):
-            for key, (owner, task) in list(self._running.items()):
-                if owner is unit:
-                    task.cancel()
+            for key, job in list(self._running.items()):
+                if job.unit is unit:
+                    job.task.cancel()
                     self._running.pop(key, None)
             unit.paused = req.action == Action.PAUSE
             if req.action == Action.EXIT:
@@ -127,22 +155,22 @@ class EdgeUnits:
         await send(make_reply(req.request_id, unit.work_id))
 
     def _setup(self, req: Request) -> dict[str, Any]:
-        where = {"request_id": req.request_id, "work_id": req.work_id}
+        where = {"request_id": req.request_id, "work_id": UNIT}
         try:
             setup = SetupData.model_validate(req.data)
         except ValidationError as exc:
             raise StackFlowError(ErrorCode.JSON_FORMAT, f"json format error: {describe(exc)}",
                                  **where) from exc
-        model = self.models.get(setup.model)
-        if model is None:
-            raise StackFlowError(ErrorCode.MODEL_LOADING, f"model loading failed: no model {setup.model!r} "
-                                 f"here (serving {sorted(self.models)})", **where)
         if len(self.units) >= self.max_units:
             raise StackFlowError(ErrorCode.TASK_FULL, f"task full: {self.max_units} units", **where)
+        model = self.models.get(setup.model)
+        if model is None:
+            model = self.default_model
+            log.info("setup %s asked for model %r: serving %r", req.request_id, setup.model, model.name)
         work_id = f"{UNIT}.{self._next}"
         self._next += 1
         self.units[work_id] = Unit(work_id, setup, model)
-        return make_reply(req.request_id, work_id)
+        return make_reply(req.request_id, work_id, data={"model": model.name})
 
     def _inference(self, unit: Unit, req: Request, send: Send, origin: str) -> None:
         where = {"request_id": req.request_id, "work_id": unit.work_id}
@@ -150,41 +178,65 @@ class EdgeUnits:
         text: str | None
         if "stream" in req.object:
             if not isinstance(req.data, dict):
+                if req.data in (None, "", "None"):
+                    raise StackFlowError(ErrorCode.DATA_EMPTY, **where)
                 raise StackFlowError(ErrorCode.JSON_FORMAT, "json format error: streamed data is "
                                      "{index, delta, finish}", **where)
-            assembler = unit.inputs.setdefault(key, StreamAssembler())
+            assembler = unit.inputs.setdefault(origin, StreamAssembler())
             try:
                 text = assembler.add(req.data)
+                if text is None and assembler.size > self.max_input:
+                    raise StackFlowError(ErrorCode.PUSH_FAILED, "inference data push false: streamed "
+                                         f"input over {self.max_input} characters")
             except StackFlowError as exc:
-                unit.inputs.pop(key, None)
+                unit.inputs.pop(origin, None)
                 raise StackFlowError(exc.code, exc.message, **where) from exc
             if text is None:
                 return  # more chunks to come; StackFlow does not answer them
-            unit.inputs.pop(key, None)
+            unit.inputs.pop(origin, None)
         else:
             text = req.data if isinstance(req.data, str) else None
             if text is None and req.data is not None:
                 raise StackFlowError(ErrorCode.JSON_FORMAT, f"json format error: {TEXT_FORMAT} data is "
                                      "a string", **where)
-        if not text:
+        if not text or text == "None":  # StackFlow's "no data"
             raise StackFlowError(ErrorCode.DATA_EMPTY, **where)
         if unit.paused:
             raise StackFlowError(ErrorCode.PUSH_FAILED, "inference data push false: unit is paused", **where)
         if key in self._running:
             raise StackFlowError(ErrorCode.PUSH_FAILED, "inference data push false: request "
                                  f"{req.request_id!r} is already running", **where)
-        if len(self._running) >= self.capacity:
-            raise StackFlowError(ErrorCode.TASK_FULL, f"task full: {self.capacity} inferences running",
-                                 **where)
-        self._running[key] = (unit, asyncio.create_task(self._generate(unit, key, text, send)))
+        if len(self._running) >= self.capacity + self.max_waiting:
+            raise StackFlowError(ErrorCode.PUSH_FAILED, f"inference data push false: {self.capacity} "
+                                 f"running and {self.waiting} waiting", **where)
+        job = _Inference(unit, asyncio.create_task(self._generate(unit, key, text, send)))
+        self._running[key] = job
 
     def _release(self, key: tuple[str, str]) -> None:
         # In the step that sends the last reply, not in a done callback a loop pass later: by then the
-        # caller may have sent its next request, and found the slot still taken (-21).
-        if self._running.get(key, (None, None))[1] is asyncio.current_task():
+        # caller may have sent its next request, and found the slot still taken.
+        job = self._running.get(key)
+        if job is not None and job.task is asyncio.current_task():
             del self._running[key]
 
     async def _generate(self, unit: Unit, key: tuple[str, str], text: str, send: Send) -> None:
+        await self._slots.acquire()  # FIFO: asyncio wakes waiters in order
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._slots.release()
+            self._release(key)
+
+        try:
+            await self._answer(unit, key, text, send, free)
+        finally:
+            free()
+
+    async def _answer(self, unit: Unit, key: tuple[str, str], text: str, send: Send,
+                      free: Callable[[], None]) -> None:
         setup, fmt, request_id = unit.setup, unit.setup.response_format, key[1]
         index, parts = 0, []
         try:
@@ -206,36 +258,46 @@ class EdgeUnits:
             raise
         except Exception as exc:
             log.warning("unit %s: model %s failed: %s", unit.work_id, unit.model.name, exc)
-            self._release(key)
+            free()
             with contextlib.suppress(Exception):
                 await send(make_reply(request_id, unit.work_id, code=ErrorCode.MODEL_RUN,
                                       message=f"model run failed: {exc}"))
             return
         self.served += 1
-        self._release(key)
+        free()
         last: Any = stream_data(index, "", True) if setup.stream else "".join(parts)
         await send(make_reply(request_id, unit.work_id, object=fmt, data=last))
 
     def cancel(self, origin: str, request_id: str | None = None) -> int:
         """Stop the inferences ``origin`` asked for (just ``request_id``, if given); how many stopped."""
         stopped = 0
-        for key, (_, task) in list(self._running.items()):
+        for key, job in list(self._running.items()):
             if key[0] == origin and (request_id is None or key[1] == request_id):
-                task.cancel()
+                job.task.cancel()
                 self._running.pop(key, None)
                 stopped += 1
-        for unit in self.units.values():
-            for key in [k for k in unit.inputs if k[0] == origin]:
-                del unit.inputs[key]
+        if request_id is None:
+            for unit in self.units.values():
+                unit.inputs.pop(origin, None)
         return stopped
 
     async def close(self) -> None:
-        """Stop every running inference."""
-        tasks = [task for _, task in self._running.values()]
+        """Stop every inference, running or waiting."""
+        tasks = [job.task for job in self._running.values()]
         self._running.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def taskinfo(unit: Unit) -> dict[str, Any]:
+    """``taskinfo`` of a unit, with StackFlow's field names (``model``, ``response_format``,
+    ``enoutput``, ``inputs``); then MeetMesh's own. ``model`` is the model served."""
+    setup = unit.setup
+    inputs = [setup.input] if isinstance(setup.input, str) else list(setup.input)
+    return {"model": unit.model.name, "response_format": setup.response_format, "enoutput": setup.enoutput,
+            "inputs": inputs, "max_token_len": setup.max_token_len, "prompt": setup.prompt,
+            "template": setup.template, "language": setup.language, "paused": unit.paused}
 
 
 class EdgeNode:

@@ -257,25 +257,38 @@ def stream_data(index: int, delta: str, finish: bool = False) -> dict[str, Any]:
     return {"index": index, "delta": delta, "finish": finish}
 
 
-def parse_request(raw: bytes | str | dict[str, Any]) -> Request:
-    """A `Request` from the wire; malformed JSON or missing fields raise -2, an unknown action -18.
+FORMAT_ERROR_WHERE = {"request_id": "0", "work_id": "sys"}  # what StackFlow's format errors name
 
-    The error carries whatever ``request_id`` and ``work_id`` could be read, for its reply."""
+
+def parse_request(raw: bytes | str | dict[str, Any]) -> Request:
+    """A `Request` from the wire. Malformed JSON, or a missing or ill-typed ``request_id``,
+    ``work_id`` or ``action``, raise -2 naming request "0" of work "sys", as StackFlow's unit manager
+    answers them; an empty ``work_id`` is "sys"; an unknown action raises -18 naming the request.
+    A numeric ``request_id`` is taken as text (StackFlow would refuse it)."""
     try:
         body = json.loads(raw) if isinstance(raw, bytes | str) else raw
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StackFlowError(ErrorCode.JSON_FORMAT, f"json format error: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise StackFlowError(ErrorCode.JSON_FORMAT, "json format error: not JSON", **FORMAT_ERROR_WHERE
+                             ) from exc
     if not isinstance(body, dict):
-        raise StackFlowError(ErrorCode.JSON_FORMAT, "json format error: a request is a JSON object")
-    where = {key: str(body[key]) for key in ("request_id", "work_id")
-             if isinstance(body.get(key), str | int)}
+        raise StackFlowError(ErrorCode.JSON_FORMAT, "json format error: a request is a JSON object",
+                             **FORMAT_ERROR_WHERE)
+    for key in ("request_id", "work_id", "action"):
+        value = body.get(key)
+        if not (isinstance(value, str) or (key == "request_id" and isinstance(value, int)
+                and not isinstance(value, bool))):
+            raise StackFlowError(ErrorCode.JSON_FORMAT, f"json format error: no {key} string",
+                                 **FORMAT_ERROR_WHERE)
+    if not body["work_id"]:
+        body = {**body, "work_id": "sys"}
     try:
         request = Request.model_validate(body)
     except ValidationError as exc:
         raise StackFlowError(ErrorCode.JSON_FORMAT, f"json format error: {describe(exc)}",
-                             **where) from exc
+                             **FORMAT_ERROR_WHERE) from exc
     if request.action not in _ACTIONS:
-        raise StackFlowError(ErrorCode.NO_SUCH_ACTION, f"no such action: {request.action!r}", **where)
+        raise StackFlowError(ErrorCode.NO_SUCH_ACTION, f"no such action: {request.action!r}",
+                             request_id=request.request_id, work_id=request.work_id)
     return request
 
 
@@ -310,6 +323,11 @@ class StreamAssembler:
 
     def __len__(self) -> int:
         return len(self._parts)
+
+    @property
+    def size(self) -> int:
+        """Characters buffered."""
+        return sum(map(len, self._parts.values()))
 
 
 # -- the ZeroMQ link ---------------------------------------------------------------------------------

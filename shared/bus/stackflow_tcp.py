@@ -1,4 +1,6 @@
-"""StackFlow over TCP: newline-delimited JSON, one request or reply per line, both ways.
+"""StackFlow over TCP: JSON objects one after another, both ways, framed as StackFlow's unit manager
+frames them: by brace balance, so an object needs no trailing newline and one write may carry several
+(`JsonFramer`). Replies end with a newline, as StackFlow's do, for clients that read lines.
 
 `StackFlowServer` lets StackFlow's own clients drive a node's units (setup, streamed inference,
 exit on one connection); `StackFlowBackend` lets an `EdgeBridge` use a StackFlow / Edge-LLM-Infra
@@ -12,6 +14,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,8 +27,93 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meetmesh.edge.tcp")
 DEFAULT_PORT = 10001
-MAX_LINE = 1 << 20  # bytes; a longer line is answered with -2 and the connection closed
+MAX_OBJECT = 1 << 20  # bytes; a longer object is answered with -2 and the connection closed
+READ_SIZE = 1 << 16
 _connections = itertools.count(1)
+_OPEN, _CLOSE, _QUOTE, _ESCAPE = ord("{"), ord("}"), ord('"'), ord("\\")
+_NOT_SPACE = re.compile(rb"[^ \t\r\n]")
+_IN_CODE = re.compile(rb'[{}"]')     # inside an object, outside strings: what changes the state
+_IN_STRING = re.compile(rb'["\\]')  # inside a string
+
+
+class FramingError(ValueError):
+    """Bytes that cannot be framed: text outside any object, a ``}`` with no ``{`` open, or an object
+    over the size limit (``fatal``: the stream cannot be resynchronised)."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class JsonFramer:
+    """Cuts a byte stream into JSON objects by brace balance, as StackFlow's unit manager does, but
+    aware of strings (a brace inside a string value does not count; StackFlow's counter miscounts
+    it). Whitespace between objects is skipped; any other run of bytes outside an object (a stray
+    ``}`` included) is one `FramingError`, and framing goes on at the next ``{``."""
+
+    def __init__(self, max_object: int = MAX_OBJECT) -> None:
+        self.max_object = max_object
+        self._buf = bytearray()
+        self._depth = 0
+        self._in_string = self._escaped = self._garbage = False
+
+    def feed(self, data: bytes) -> list[bytes | FramingError]:
+        """What ``data`` completes, in order: each whole object's bytes, or an error."""
+        out: list[bytes | FramingError] = []
+        i, n = 0, len(data)
+        begin = 0  # where the object being read starts in ``data`` (earlier bytes are in _buf)
+        if self._escaped and n:  # the last feed ended inside a string on a backslash
+            self._escaped, i = False, 1
+        while i < n:
+            if self._depth == 0:
+                found = _NOT_SPACE.search(data, i)
+                if found is None:
+                    break
+                j = found.start()
+                if data[j] == _OPEN:
+                    self._depth, self._garbage, begin, i = 1, False, j, j + 1
+                    continue
+                if not self._garbage:  # one error per run of stray bytes
+                    self._garbage = True
+                    out.append(FramingError("json format error: " + (
+                        "a '}' with no '{' open" if data[j] == _CLOSE else "text outside a JSON object")))
+                i = data.find(b"{", j)
+                if i < 0:
+                    break
+                continue
+            found = (_IN_STRING if self._in_string else _IN_CODE).search(data, i)
+            j = n if found is None else found.start()
+            if len(self._buf) + j - begin > self.max_object:
+                self._reset()
+                out.append(FramingError(f"json format error: an object is over {self.max_object} bytes",
+                                        fatal=True))
+                return out
+            if found is None:
+                break
+            byte, i = data[j], j + 1
+            if byte == _ESCAPE:  # in a string: skip the escaped byte, which may be in the next feed
+                if i < n:
+                    i += 1
+                else:
+                    self._escaped = True
+            elif byte == _QUOTE:
+                self._in_string = not self._in_string
+            elif byte == _OPEN:
+                self._depth += 1
+            else:  # a closing brace
+                self._depth -= 1
+                if self._depth == 0:
+                    out.append(bytes(self._buf) + data[begin:i])
+                    self._buf.clear()
+        if self._depth:
+            self._buf += data[begin:]
+        return out
+
+    def _reset(self) -> None:
+        self._buf.clear()
+        self._depth = 0
+        self._in_string = self._escaped = False
+        self._garbage = True  # what follows the cut is the rest of the oversize object
 
 
 class UnitHandler(Protocol):
@@ -50,7 +138,7 @@ class StackFlowServer:
     async def start(self) -> None:
         """Listen (`BusConnectionError` if the port is taken)."""
         try:
-            self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_LINE)
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
         except OSError as exc:
             where = f"{self.host}:{self.port}"
             raise BusConnectionError(f"StackFlow TCP cannot listen on {where}: {exc}") from exc
@@ -80,19 +168,20 @@ class StackFlowServer:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
 
+        framer = JsonFramer()
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    await send(StackFlowError(ErrorCode.JSON_FORMAT, f"json format error: a line is over "
-                                              f"{MAX_LINE} bytes").reply())
-                    break
-                if not line:
-                    break
-                if line.strip():
-                    await self.units.handle(line, send, origin=origin)
+            while data := await reader.read(READ_SIZE):
+                for item in framer.feed(data):
+                    if isinstance(item, FramingError):
+                        await send(StackFlowError(ErrorCode.JSON_FORMAT, str(item), request_id="0",
+                                                  work_id="sys").reply())
+                        if item.fatal:
+                            return
+                    else:
+                        await self.units.handle(item, send, origin=origin)
         except ConnectionError:
+            pass
+        except asyncio.CancelledError:  # by close(): asyncio's stream callback would log it as an error
             pass
         finally:
             self.units.cancel(origin)
@@ -126,6 +215,16 @@ class _TcpLink:
         self.writer.close()
 
 
+def _json_object(item: bytes | FramingError) -> dict[str, Any] | None:
+    if isinstance(item, FramingError):
+        return None
+    try:
+        message = json.loads(item)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
 class StackFlowBackend:
     """A StackFlow unit manager at ``host:port`` as one node of ``bridge``: attached while connected
     (pinged every heartbeat through ``sys`` ``ping``), reconnected ``retry`` seconds after a loss."""
@@ -142,24 +241,24 @@ class StackFlowBackend:
         while True:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, limit=MAX_LINE), self.retry * 5)
+                    asyncio.open_connection(self.host, self.port), self.retry * 5)
             except (OSError, TimeoutError) as exc:
                 log.debug("StackFlow backend %s:%d unreachable: %s", self.host, self.port, exc)
                 await asyncio.sleep(self.retry)
                 continue
             self.bridge.attach(self.key, _TcpLink(writer), name=self.name, models=self.models,
                                capacity=self.capacity, transport="stackflow")
+            framer = JsonFramer()
             try:
-                while line := await reader.readline():
-                    try:
-                        message = json.loads(line)
-                    except ValueError:
-                        log.warning("StackFlow backend %s sent a line that is not JSON: %r", self.name,
-                                    line[:200])
-                        continue
-                    if isinstance(message, dict):
-                        self.bridge.deliver(self.key, message)
-            except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
+                while data := await reader.read(READ_SIZE):
+                    for item in framer.feed(data):
+                        message = _json_object(item)
+                        if message is None:
+                            log.warning("StackFlow backend %s sent what is not a JSON object: %r",
+                                        self.name, item if isinstance(item, FramingError) else item[:200])
+                        else:
+                            self.bridge.deliver(self.key, message)
+            except OSError as exc:
                 log.warning("StackFlow backend %s: %s", self.name, exc)
             finally:
                 self.bridge.detach(self.key, "connection closed")

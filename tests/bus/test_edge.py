@@ -263,13 +263,16 @@ async def test_bad_input_gets_stackflow_errors_and_the_node_goes_on(client: tupl
     c, node = client
     work_id = await setup(c)
     bad: list[tuple[dict[str, Any] | bytes, int]] = [
-        (b"{this is not json", ErrorCode.JSON_FORMAT),
+        (b"{this is not json}", ErrorCode.JSON_FORMAT),
         (call("a", "llm", "dance"), ErrorCode.NO_SUCH_ACTION),
         ({"request_id": "b", "action": "setup"}, ErrorCode.JSON_FORMAT),
-        (setup_request("c", model="gpt-9"), ErrorCode.MODEL_LOADING),
         ({**setup_request("d"), "data": {"model": "echo", "max_token_len": "many"}}, ErrorCode.JSON_FORMAT),
+        (setup_request("v") | {"work_id": "vlm"}, ErrorCode.UNIT_CALL),  # no such unit here
         (call("e", "llm.4242", "inference", "llm.utf-8", "hi"), ErrorCode.UNIT_NOT_FOUND),
         (call("f", work_id, "inference", "llm.utf-8", ""), ErrorCode.DATA_EMPTY),
+        (call("f2", work_id, "inference", "llm.utf-8", "None"), ErrorCode.DATA_EMPTY),
+        (call("f3", work_id, "inference", "llm.utf-8.stream", {"index": 0, "delta": "", "finish": True}),
+         ErrorCode.DATA_EMPTY),
         (call("g", work_id, "inference", "llm.utf-8", {"not": "text"}), ErrorCode.JSON_FORMAT),
         (call("h", work_id, "inference", "llm.utf-8.stream", {"index": 1, "delta": "x", "finish": True}),
          ErrorCode.STREAM_INDEX),
@@ -279,6 +282,10 @@ async def test_bad_input_gets_stackflow_errors_and_the_node_goes_on(client: tupl
         reply = await c.recv()
         assert reply["error"]["code"] == code, (message, reply)
         assert reply["error"]["message"]
+        if code == ErrorCode.JSON_FORMAT and not (isinstance(message, dict) and "work_id" in message):
+            assert (reply["request_id"], reply["work_id"]) == ("0", "sys")  # as StackFlow names them
+        elif isinstance(message, dict):
+            assert reply["request_id"] == message["request_id"]
     await c.send(call("ok", work_id, "inference", "llm.utf-8.stream", {"index": 0, "delta": "still here",
                                                                          "finish": True}))
     text = ""
@@ -289,22 +296,43 @@ async def test_bad_input_gets_stackflow_errors_and_the_node_goes_on(client: tupl
 
 # -- the unit manager on its own --------------------------------------------------------------------
 
-async def test_units_enforce_capacity_and_pause() -> None:
-    units = EdgeUnits([EchoModel(delay=0.05)], capacity=1, max_units=2)
+async def test_a_full_node_refuses_setup_with_minus_21_and_queues_inferences() -> None:
+    """StackFlow answers -21 to a setup when the node is full, never to an inference: inferences beyond
+    ``capacity`` wait their turn, in order (up to ``max_waiting``; one more gets -4)."""
+    units = EdgeUnits([EchoModel(delay=0.05)], capacity=1, max_units=2, max_waiting=1)
     replies: list[dict[str, Any]] = []
 
     async def send(reply: dict[str, Any]) -> None:
         replies.append(reply)
 
     for i in range(3):
-        await units.handle(json.dumps(setup_request(f"s{i}")), send)
+        await units.handle(json.dumps(setup_request(f"s{i}", fmt="llm.utf-8")), send)
     assert [r["error"]["code"] for r in replies] == [0, 0, ErrorCode.TASK_FULL]  # max_units
+    assert (replies[2]["request_id"], replies[2]["work_id"]) == ("s2", "llm")
     one, two = replies[0]["work_id"], replies[1]["work_id"]
     replies.clear()
     await units.handle(json.dumps(call("a", one, "inference", "llm.utf-8", WORDS)), send)
-    await units.handle(json.dumps(call("b", two, "inference", "llm.utf-8", WORDS)), send)
+    await units.handle(json.dumps(call("b", two, "inference", "llm.utf-8", "second")), send)
+    await units.handle(json.dumps(call("c", two, "inference", "llm.utf-8", "third")), send)
+    assert (units.running, units.waiting) == (1, 1)
+    assert [(r["request_id"], r["error"]["code"]) for r in replies] == [("c", ErrorCode.PUSH_FAILED)]
+    await until(lambda: units.running == 0, "both inferences answered")
+    answers = [(r["request_id"], r["data"]) for r in replies if not r["error"]["code"]]
+    assert answers == [("a", WORDS), ("b", "second")]  # first come, first served; b was never -21
+    await units.close()
+
+
+async def test_pause_stops_a_units_inferences_and_work_resumes_it() -> None:
+    units = EdgeUnits([EchoModel(delay=0.05)], capacity=1)
+    replies: list[dict[str, Any]] = []
+
+    async def send(reply: dict[str, Any]) -> None:
+        replies.append(reply)
+
+    await units.handle(json.dumps(setup_request("s", fmt="llm.utf-8")), send)
+    one = replies.pop()["work_id"]
+    await units.handle(json.dumps(call("a", one, "inference", "llm.utf-8", WORDS)), send)
     assert units.running == 1
-    assert replies[-1]["request_id"] == "b" and replies[-1]["error"]["code"] == ErrorCode.TASK_FULL
     await units.handle(json.dumps(call("p", one, "pause")), send)  # stops its running inference
     assert units.running == 0 and replies[-1]["error"]["code"] == 0
     await units.handle(json.dumps(call("c", one, "inference", "llm.utf-8", "hi")), send)
@@ -312,7 +340,30 @@ async def test_units_enforce_capacity_and_pause() -> None:
     await units.handle(json.dumps(call("w", one, "work")), send)
     await units.handle(json.dumps(call("d", one, "inference", "llm.utf-8", "hi")), send)
     await until(lambda: units.running == 0, "the inference after work")
-    assert replies[-1]["request_id"] == "d" and replies[-1]["data"]["finish"] is True
+    assert replies[-1]["request_id"] == "d" and replies[-1]["data"] == "hi"
+    await units.close()
+
+
+async def test_streamed_input_is_grouped_per_connection_by_index_not_by_request_id() -> None:
+    units = EdgeUnits([EchoModel()], capacity=2)
+    replies: list[dict[str, Any]] = []
+
+    async def send(reply: dict[str, Any]) -> None:
+        replies.append(reply)
+
+    await units.handle(json.dumps(setup_request("s", fmt="llm.utf-8")), send)
+    work_id = replies.pop()["work_id"]
+    # two connections interleave chunks for one unit; each chunk has a request id of its own
+    for origin, request_id, index, delta, finish in [
+            ("x", "x1", 1, "world", True), ("y", "y1", 0, "other ", False), ("x", "x0", 0, "hello ", False),
+            ("y", "y2", 1, "text", True)]:
+        await units.handle(json.dumps(call(request_id, work_id, "inference", "llm.utf-8.stream",
+                                           {"index": index, "delta": delta, "finish": finish})), send,
+                           origin=origin)
+    # x's finish came before its index 0: a gap at that moment (-25), as StackFlow's joining finds it
+    assert replies[0]["error"]["code"] == ErrorCode.STREAM_INDEX and replies[0]["request_id"] == "x1"
+    await until(lambda: len(replies) == 2, "y's answer")
+    assert (replies[1]["request_id"], replies[1]["data"]) == ("y2", "other text")  # the last chunk's id
     await units.close()
 
 
@@ -538,6 +589,98 @@ async def test_the_edge_node_command_serves_stackflow_tcp_to_a_plain_socket(spaw
             assert (await c.recv())["error"]["code"] == 0
         finally:
             c.close()
+
+
+# -- StackFlow's own clients, byte for byte ---------------------------------------------------------
+
+# What Edge-LLM-Infra's sample/test.py writes (json.dumps(..., ensure_ascii=False) + "\n"): a setup
+# for a model this node does not serve, one streamed-input inference per line typed (index 0, finish
+# true, the setup's request id again), then an exit without object or data.
+SAMPLE_SETUP = (
+    b'{"request_id": "llm_001", "work_id": "llm", "action": "setup", "object": "llm.setup", "data": '
+    b'{"model": "DeepSeek-R1-Distill-Qwen-1.5B", "response_format": "llm.utf-8.stream", '
+    b'"input": "llm.utf-8.stream", "enoutput": true, "max_token_len": 1023, "prompt": '
+    b'"You are a knowledgeable assistant capable of answering various questions and providing '
+    b'information."}}\n')
+SAMPLE_INFERENCE = (b'{"request_id": "llm_001", "work_id": "%s", "action": "inference", "object": '
+                    b'"llm.utf-8.stream", "data": {"delta": "%s", "index": 0, "finish": true}}\n')
+SAMPLE_EXIT = b'{"request_id": "llm_exit", "work_id": "%s", "action": "exit"}\n'
+
+
+@contextlib.asynccontextmanager
+async def tcp_node(**options: Any) -> AsyncIterator[TcpClient]:
+    """An in-process echo node serving StackFlow TCP only, and a plain socket to it."""
+    async with run_node(None, stackflow_port=0, **options) as node:
+        assert node.stackflow_port
+        c = TcpClient(node.stackflow_port)
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+async def send_raw(c: TcpClient, data: bytes) -> None:
+    await asyncio.to_thread(c.sock.sendall, data)
+
+
+async def test_the_frameworks_sample_client_is_served_as_it_is() -> None:
+    async with tcp_node() as c:
+        await send_raw(c, SAMPLE_SETUP)
+        reply = await c.recv()  # the client reads up to the first newline and checks these
+        assert reply["request_id"] == "llm_001" and reply["error"] == {"code": 0, "message": ""}
+        work_id = reply["work_id"]
+        assert work_id == "llm.1001"
+        assert reply["data"] == {"model": "echo"}  # the model served, not the one asked for
+        for line in (b"what is a stand-up", b"and a retro"):
+            await send_raw(c, SAMPLE_INFERENCE % (work_id.encode(), line))
+            deltas = []
+            while not (reply := await c.recv())["data"]["finish"]:
+                assert reply["request_id"] == "llm_001" and reply["error"]["code"] == 0
+                deltas.append(reply["data"]["delta"])
+            assert "".join(deltas) == line.decode()
+        await c.send(call("t", work_id, "taskinfo"))
+        info = (await c.recv())["data"]
+        # the framework's names; "model" is the model served
+        assert {k: info[k] for k in ("model", "response_format", "enoutput", "inputs")} == {
+            "model": "echo", "response_format": "llm.utf-8.stream", "enoutput": True,
+            "inputs": ["llm.utf-8.stream"]}
+        await send_raw(c, SAMPLE_EXIT % work_id.encode())
+        reply = await c.recv()
+        assert (reply["request_id"], reply["work_id"], reply["error"]["code"]) == ("llm_exit", work_id, 0)
+
+
+async def test_input_over_32_kb_in_chunks_with_a_request_id_each_is_one_inference() -> None:
+    """The meeting-system Go client's way: 32 KB pieces, each its own inference message and request
+    id, numbered by index, finish only on the last; all written at once, no newlines between."""
+    text = " ".join(f"{i:04d}" + "x" * 2495 for i in range(40))  # 100 KB in 40 words
+    pieces = [text[i:i + 32_768] for i in range(0, len(text), 32_768)]
+    async with tcp_node() as c:
+        work_id = await setup(c, fmt="llm.utf-8")
+        data = b"".join(json.dumps(call(f"chunk-{i}", work_id, "inference", "llm.utf-8.stream",
+                                        {"index": i, "delta": piece, "finish": i == len(pieces) - 1})
+                                   ).encode() for i, piece in enumerate(pieces))
+        await send_raw(c, data)
+        reply = await c.recv()
+        assert reply["error"]["code"] == 0, reply["error"]
+        assert reply["request_id"] == f"chunk-{len(pieces) - 1}" and reply["data"] == text
+
+
+async def test_objects_are_framed_by_brace_balance_whatever_the_writes() -> None:
+    async with tcp_node(capacity=2) as c:
+        work_id = await setup(c, fmt="llm.utf-8")
+        one = json.dumps(call("one", work_id, "inference", "llm.utf-8", 'braces } { and "quotes"')).encode()
+        two = json.dumps(call("two", work_id, "inference", "llm.utf-8", "second")).encode()
+        both = one + two  # two objects in one write, no newline after either
+        await send_raw(c, both[:17])
+        await send_raw(c, both[17:])
+        answers = {(r := await c.recv())["request_id"]: r["data"] for _ in range(2)}
+        assert answers == {"one": 'braces } { and "quotes"', "two": "second"}
+        await send_raw(c, b'}{"request_id": 1}  not json  ')  # a stray brace, a bad request, text
+        errors = [await c.recv() for _ in range(3)]
+        assert [(r["request_id"], r["work_id"], r["error"]["code"]) for r in errors] == [
+            ("0", "sys", ErrorCode.JSON_FORMAT)] * 3
+        await send_raw(c, json.dumps(call("three", work_id, "inference", "llm.utf-8", "still read")).encode())
+        assert (await c.recv())["data"] == "still read"
 
 
 # -- the commands -----------------------------------------------------------------------------------

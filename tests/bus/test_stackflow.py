@@ -24,6 +24,7 @@ from shared.bus.stackflow import (
     stream_data,
     to_handler_signal,
 )
+from shared.bus.stackflow_tcp import FramingError, JsonFramer
 
 
 def test_error_codes_are_stackflows() -> None:
@@ -45,15 +46,20 @@ def test_a_request_parses_from_bytes_and_keeps_a_numeric_id_as_text() -> None:
 
 
 @pytest.mark.parametrize(("raw", "code", "where"), [
-    (b"{not json", ErrorCode.JSON_FORMAT, ("", "")),
-    (b"\xff\xfe", ErrorCode.JSON_FORMAT, ("", "")),
-    (b"[1, 2]", ErrorCode.JSON_FORMAT, ("", "")),
-    (b'{"request_id": "r1", "action": "setup"}', ErrorCode.JSON_FORMAT, ("r1", "")),
-    (b'{"request_id": "r2", "work_id": "llm.1001"}', ErrorCode.JSON_FORMAT, ("r2", "llm.1001")),
+    (b"{not json", ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b"\xff\xfe", ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b"[1, 2]", ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b'{"request_id": "r1", "action": "setup"}', ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b'{"request_id": "r2", "work_id": "llm.1001"}', ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b'{"request_id": ["r"], "work_id": "llm", "action": "setup"}', ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b'{"request_id": "r4", "work_id": 7, "action": "setup"}', ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b'{"request_id": "r5", "work_id": "llm", "action": true}', ErrorCode.JSON_FORMAT, ("0", "sys")),
+    (b"[" * 100_000 + b"]" * 100_000, ErrorCode.JSON_FORMAT, ("0", "sys")),
     (b'{"request_id": "r3", "work_id": "llm", "action": "fly"}', ErrorCode.NO_SUCH_ACTION, ("r3", "llm")),
 ])
 def test_bad_requests_raise_stackflow_errors_that_reply(raw: bytes, code: ErrorCode,
                                                           where: tuple[str, str]) -> None:
+    """Format errors name request "0" of work "sys", as StackFlow's unit manager answers them."""
     with pytest.raises(StackFlowError) as caught:
         parse_request(raw)
     exc = caught.value
@@ -61,8 +67,12 @@ def test_bad_requests_raise_stackflow_errors_that_reply(raw: bytes, code: ErrorC
     assert (exc.request_id, exc.work_id) == where
     reply = Reply.model_validate(exc.reply())
     assert reply.error.code == code and not reply.ok
-    assert reply.request_id == where[0] and reply.work_id == (where[1] or "llm")
+    assert (reply.request_id, reply.work_id) == where
     assert reply.error.message.startswith(code.text)
+
+
+def test_an_empty_work_id_is_sys() -> None:
+    assert parse_request(b'{"request_id": "p", "work_id": "", "action": "ping"}').work_id == "sys"
 
 
 def test_setup_data_defaults_extensions_and_streaming() -> None:
@@ -135,3 +145,38 @@ def test_stream_assembler_refuses_bad_indexes_with_minus_25(chunks: list[dict[st
             buffer.add(chunk)
     assert caught.value.code == ErrorCode.STREAM_INDEX
     assert len(buffer) == 0
+
+
+# -- framing by brace balance (StackFlow's unit manager reads TCP this way) --------------------------
+
+def test_the_framer_reads_objects_without_newlines_and_several_in_one_write() -> None:
+    framer = JsonFramer()
+    assert framer.feed(b'{"a": 1}{"b": {"c": 2}}\n  {"d"') == [b'{"a": 1}', b'{"b": {"c": 2}}']
+    assert framer.feed(b": 3}") == [b'{"d": 3}']
+    assert framer.feed(b"") == []
+
+
+def test_the_framer_ignores_braces_and_escaped_quotes_inside_strings() -> None:
+    framer = JsonFramer()
+    message = json.dumps({"delta": 'a } brace, a { brace, a \\ and a " quote', "n": {"x": "}"}}).encode()
+    out: list[object] = []
+    for i in range(len(message)):  # one byte at a time: every split point, escapes included
+        out += framer.feed(message[i:i + 1])
+    assert out == [message]
+    assert json.loads(message)["n"] == {"x": "}"}
+
+
+def test_the_framer_reports_stray_bytes_once_per_run_and_goes_on() -> None:
+    framer = JsonFramer()
+    items = framer.feed(b'} junk }} {"ok": 1} more\n{"ok": 2}')
+    assert [type(i) for i in items] == [FramingError, bytes, FramingError, bytes]
+    errors = [i for i in items if isinstance(i, FramingError)]
+    assert all(str(e).startswith("json format error") and not e.fatal for e in errors)
+    assert [i for i in items if isinstance(i, bytes)] == [b'{"ok": 1}', b'{"ok": 2}']
+
+
+def test_the_framer_cuts_an_oversize_object_with_a_fatal_error() -> None:
+    framer = JsonFramer(max_object=100)
+    assert framer.feed(b'{"x": "' + b"y" * 60) == []
+    (error,) = framer.feed(b"y" * 60 + b'"}')
+    assert isinstance(error, FramingError) and error.fatal
