@@ -18,7 +18,7 @@ from shared.bus import EventBus, connect
 from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import RateLimiter, SessionHub
 
-from . import errors, rest, services, ws
+from . import errors, logs, rest, services, ws
 from .live import Live
 from .metrics import Metrics
 from .settings import GatewaySettings
@@ -32,10 +32,12 @@ GC_THRESHOLDS = (10_000, 20, 100)  # allocations before a young collection; youn
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway as an ASGI app. Connections are made in its lifespan, not here."""
+    logs.install()  # no token or secret in any log line, from any logger (see gateway.logs)
     settings = settings or GatewaySettings.load()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.install()  # again: uvicorn (or the embedding app) may have configured logging since
         redis = await connect(settings.redis_url)
         events = EventBus.from_url(settings.events, service="gateway", prefix=settings.key_prefix)
         await events.start()

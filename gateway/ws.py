@@ -1,15 +1,22 @@
-"""WebSocket ``/ws?token=JWT``: JSON frames in both directions (see docs/gateway.md).
+"""WebSocket ``/ws``: JSON frames in both directions (see docs/gateway.md, which lists the close codes).
+
+The token comes, in order of preference, from ``Sec-WebSocket-Protocol: bearer, <token>`` (the
+answer names only ``bearer``), a first frame ``{"type": "auth", "token": ...}`` sent within
+`AUTH_TIMEOUT_S`, or ``?token=`` (kept for old clients; redacted from every log line by
+`gateway.logs`). The first two never put the token in a URL.
 
 One reader (this coroutine) and one writer task per socket. Every frame to the client goes
 through its `Session` (which numbers it, keeps it for ``resume``, and bounds what a slow client
-may have queued), so the writer is the only one writing to the socket.
+may have queued), so the writer is the only one writing to the socket. Whatever a client frame
+holds, it ends in an answer (an ``error`` frame at worst) or in a close with a documented code:
+it is parsed defensively (`parse_frame`), and its ``id`` is echoed only when it is a short string
+or a safe integer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -19,17 +26,31 @@ from pydantic import ValidationError
 from shared.bus import BusError, InvalidMessage
 from shared.bus.catalogue import check_pattern
 from shared.bus.dispatcher import Dispatcher
-from shared.bus.sessions import Session, SessionHub
+from shared.bus.sessions import CLOSE_GOING_AWAY, Session, SessionForbidden, SessionHub, SessionState
 
 from . import services
 from .auth import Principal, verify
 from .errors import ApiError, from_bus_error
+from .frames import MAX_SAFE_INT, FrameError, parse_frame, safe_id
 from .rest import TaskSubmit, owned_record, submit
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-CLOSE_POLICY = 1008  # a bad or expired token
-CLOSE_TOO_BIG = 1009
+CLOSE_POLICY = 1008  # a bad or expired token, or a first frame that is not `auth` when one is due
+CLOSE_TOO_BIG = 1009  # uvicorn's, for a frame over its ws_max_size
+CLOSE_AUTH_TIMEOUT = 4003  # no token in the handshake and no `auth` frame within AUTH_TIMEOUT_S
+AUTH_TIMEOUT_S = 5.0
+BEARER = "bearer"  # the subprotocol that carries a token: `Sec-WebSocket-Protocol: bearer, <token>`
+MAX_NAME_CHARS = 256  # a topic, task id or session id: longer ones are refused before any look-up
+
+
+def _name(frame: dict[str, Any], key: str, what: str) -> str:
+    value = frame.get(key)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "bad_request", what)
+    if len(value) > MAX_NAME_CHARS:
+        raise ApiError(400, "bad_request", f"`{key}` is over {MAX_NAME_CHARS} characters")
+    return value
 
 
 class Connection:
@@ -57,9 +78,15 @@ class Connection:
                     break
                 text = message.get("text")
                 if text is None:
+                    self.metrics.frames_in.inc()
                     self.error(None, "bad_request", "send JSON text frames, not binary")
-                    continue
-                await self.handle(text)
+                else:
+                    await self.handle(text)
+                if self.session.state is SessionState.CLOSED:  # the hub closed it (shutdown): end here
+                    with contextlib.suppress(Exception):
+                        await self.ws.close(self.session.close_code or CLOSE_GOING_AWAY,
+                                            (self.session.closing_reason or "session closed")[:120])
+                    break
         except WebSocketDisconnect:
             pass
         finally:
@@ -85,16 +112,19 @@ class Connection:
             return
         if session.close_code is not None:  # closed by the hub: slow client, idle, superseded
             with contextlib.suppress(Exception):
-                await self.ws.close(session.close_code, session.closing_reason or "")
+                await self.ws.close(session.close_code, (session.closing_reason or "")[:120])
 
     # -- frames from the client -------------------------------------------------------------------
 
-    def error(self, request_id: Any, code: str, message: str) -> None:
+    def error(self, request_id: str | int | None, code: str, message: str) -> None:
+        """Push an ``error`` frame (``request_id`` must come from `safe_id`); nothing if the session
+        is closed, as the reader then closes the socket."""
         self.metrics.client_errors.labels(code).inc()
         frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
         if request_id is not None:
             frame["id"] = request_id
-        self.session.push(frame)
+        if self.session.state is not SessionState.CLOSED:
+            self.session.push(frame)
 
     async def handle(self, text: str) -> None:
         self.session.touch()
@@ -103,20 +133,18 @@ class Connection:
             self.error(None, "too_large", f"frame over {self.max_bytes} bytes")
             return
         try:
-            frame = json.loads(text)
-        except json.JSONDecodeError as exc:
-            self.error(None, "bad_request", f"malformed JSON: {exc.msg} at {exc.pos}")
+            frame = parse_frame(text)
+            request_id = safe_id(frame.get("id"))
+        except FrameError as exc:
+            self.error(None, "bad_request", exc.message)
             return
-        if not isinstance(frame, dict):
-            self.error(None, "bad_request", "a frame is a JSON object with a `type`")
-            return
-        request_id = frame.get("id")
         kind = frame.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            self.error(
-                request_id, "bad_request", f"unknown frame type {kind!r}; known: {', '.join(_HANDLERS)}"
-            )
+            shown = repr(kind)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            known = ", ".join(_HANDLERS)
+            self.error(request_id, "bad_request", f"unknown frame type {shown}; known: {known}")
             return
         try:
             await handler(self, frame)
@@ -125,6 +153,9 @@ class Connection:
         except BusError as exc:
             err = from_bus_error(exc)
             self.error(request_id, err.code, err.message)
+        except Exception:  # a bug, not the client's doing: say so, keep the socket, log it
+            log.exception("a %s frame failed", kind)
+            self.error(request_id, "internal", f"the gateway failed to handle this {kind} frame")
 
     async def on_submit(self, frame: dict[str, Any]) -> None:
         fields = {
@@ -172,9 +203,7 @@ class Connection:
         self.hub.release_task(session, submitted.task_id)
 
     async def on_cancel(self, frame: dict[str, Any]) -> None:
-        task_id = frame.get("task_id")
-        if not isinstance(task_id, str) or not task_id:
-            raise ApiError(400, "bad_request", "cancel needs `task_id`")
+        task_id = _name(frame, "task_id", "cancel needs `task_id`")
         await owned_record(self.dispatcher, self.principal, task_id)
         self.hub.watch_task(self.session, task_id)
         before = await self.dispatcher.cancel(task_id)
@@ -206,17 +235,14 @@ class Connection:
         self.session.push({"type": "unsubscribed", "id": frame.get("id"), "topic": topic})
 
     def _topic(self, frame: dict[str, Any]) -> str:
-        topic = frame.get("topic")
-        if not isinstance(topic, str) or not topic:
-            raise ApiError(400, "bad_request", 'needs `topic`, e.g. "meeting.m1"')
+        topic = _name(frame, "topic", 'needs `topic`, e.g. "meeting.m1"')
         try:
             return check_pattern(topic)
         except InvalidMessage as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
 
     async def _may_watch(self, task_id: str) -> None:
-        """A task's updates are for its owner (and admins) alone. (Meeting topics will need the
-        meeting service to check participation; until it exists any authenticated user may.)"""
+        """A task's updates are for its owner (and admins) alone."""
         if any(c in task_id for c in "*>#"):
             raise ApiError(400, "bad_request", "watch one task at a time: task.<task_id>")
         await owned_record(self.dispatcher, self.principal, task_id)
@@ -224,15 +250,24 @@ class Connection:
     async def on_ping(self, frame: dict[str, Any]) -> None:
         self.session.push({"type": "pong", "id": frame.get("id")})
 
+    async def on_auth(self, frame: dict[str, Any]) -> None:
+        raise ApiError(400, "bad_request", "this connection is authenticated already")
+
     async def on_resume(self, frame: dict[str, Any]) -> None:
         session_id, last_seq = frame.get("session_id"), frame.get("last_seq")
-        if not isinstance(session_id, str) or not isinstance(last_seq, int) or isinstance(last_seq, bool):
-            raise ApiError(400, "bad_request", "resume needs `session_id` (string) and `last_seq` (integer)")
+        if (not isinstance(session_id, str) or not isinstance(last_seq, int) or isinstance(last_seq, bool)
+                or not -1 <= last_seq <= MAX_SAFE_INT):
+            raise ApiError(400, "bad_request", "resume needs `session_id` (string) and `last_seq` "
+                           f"(integer, -1 to {MAX_SAFE_INT})")
+        session_id = _name(frame, "session_id", "resume needs `session_id`")
+        if session_id == self.session.id:  # the hub would end it under our feet, then we would push to it
+            raise ApiError(409, "conflict", f"session {session_id!r} is this connection's own already")
         try:
             old = self.hub.resume(session_id, self.principal.user)
+        except SessionForbidden as exc:
+            raise ApiError(403, "forbidden", str(exc)) from None
         except BusError as exc:
-            code = "forbidden" if "another user" in str(exc) else "not_found"
-            raise ApiError(404 if code == "not_found" else 403, code, str(exc)) from None
+            raise ApiError(404, "not_found", str(exc)) from None
         try:
             frames = old.replay_after(last_seq)
         except BusError as exc:  # frames after last_seq are gone: this session cannot go on
@@ -255,19 +290,54 @@ _HANDLERS = {
     "unsubscribe": Connection.on_unsubscribe,
     "ping": Connection.on_ping,
     "resume": Connection.on_resume,
+    "auth": Connection.on_auth,
 }
+
+
+def _protocol_token(offered: list[str]) -> str | None:
+    """The token in ``Sec-WebSocket-Protocol: bearer, <token>`` (the value after ``bearer``)."""
+    for i, value in enumerate(offered[:-1]):
+        if value.strip().lower() == BEARER:
+            return offered[i + 1].strip() or None
+    return None
+
+
+async def _auth_frame(ws: WebSocket) -> str | None:
+    """The token of the socket's first frame (``{"type":"auth","token":...}``); None when the client
+    left or sent nothing in time (then closed with `CLOSE_AUTH_TIMEOUT`); `ApiError` 401 otherwise."""
+    try:
+        message = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE_AUTH_TIMEOUT, f"no auth frame within {AUTH_TIMEOUT_S:g} s")
+        return None
+    if message["type"] == "websocket.disconnect":
+        return None
+    frame: dict[str, Any] | None = None
+    with contextlib.suppress(FrameError):
+        frame = parse_frame(message["text"]) if message.get("text") is not None else None
+    token = frame.get("token") if frame is not None and frame.get("type") == "auth" else None
+    if not isinstance(token, str) or not token:
+        raise ApiError(401, "unauthorized", 'no token: send {"type":"auth","token":JWT} first, or the '
+                       'header Sec-WebSocket-Protocol: bearer, JWT')
+    return token
 
 
 @router.websocket("/ws")
 async def websocket(ws: WebSocket) -> None:
-    await ws.accept()
-    token = ws.query_params.get("token")
+    offered = [str(p) for p in ws.scope.get("subprotocols") or ()]
+    token = _protocol_token(offered)
+    await ws.accept(subprotocol=BEARER if token is not None else None)
+    token = token or ws.query_params.get("token")
     try:
         if not token:
-            raise ApiError(401, "unauthorized", "connect with /ws?token=JWT")
+            token = await _auth_frame(ws)
+            if token is None:
+                return
         principal = verify(ws.app.state.settings.jwt_secret, token)
     except ApiError as exc:
-        await ws.close(CLOSE_POLICY, exc.message[:120])
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE_POLICY, exc.message[:120])
         return
     metrics = ws.app.state.metrics
     metrics.sockets.inc()
