@@ -2,12 +2,73 @@
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import json
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
+import typer
+from rich.console import Console
+from rich.table import Table
+
+T = TypeVar("T")
 app = typer.Typer(help="Fault scenarios: break parts of the mesh on purpose and report what survived.",
                   no_args_is_help=True)
+console = Console(stderr=True)
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the summary as JSON for scripts.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed (kill times, priorities, work).")]
 
 
 def register(root: typer.Typer) -> None:
     """Add ``chaos`` to the ``meetmesh`` command."""
     root.add_typer(app, name="chaos")
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(main)
+
+
+def _progress(as_json: bool) -> Any:
+    return None if as_json else (lambda text: console.print(f"[dim]{text}[/dim]"))
+
+
+def show(title: str, summary: dict[str, Any], as_json: bool) -> None:
+    """Print a summary (a table, or JSON); exit 1 when its guarantees did not hold."""
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        table = Table(title=title, show_header=False)
+        for key, value in summary.items():
+            if key == "ok":
+                value = "[green]yes[/green]" if value else "[red]NO[/red]"
+            table.add_row(key.replace("_", " "), str(value))
+        Console().print(table)
+    if not summary.get("ok", True):
+        raise typer.Exit(1)
+
+
+def _pair(text: str, kind: type[Any]) -> tuple[Any, Any]:
+    low, _, high = text.partition("-")
+    return kind(low), kind(high or low)
+
+
+@app.command()
+def workers(
+    tasks: Annotated[int, typer.Option(min=1, help="Tasks to run, of mixed priority.")] = 20_000,
+    count: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers per worker.")] = 10,
+    work_ms: Annotated[str, typer.Option(help="Work per task, ms (a range: 10-60).")] = "10-60",
+    kill_every: Annotated[str, typer.Option(help="Seconds between kills (a range: 2-4).")] = "2-4",
+    lease: Annotated[float, typer.Option(help="Lease seconds (reclaim delay after a kill).")] = 2.0,
+    deadline: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+    seed: Seed = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """SIGKILL a random worker every few seconds (and start a replacement) while TASKS flow: reports
+    tasks run, kills, lost (must be 0) and repeats against the tasks in flight at the kills."""
+    from .workers import WorkersConfig, run_workers
+
+    config = WorkersConfig(tasks=tasks, workers=count, concurrency=concurrency, work_ms=_pair(work_ms, int),
+                           kill_every=_pair(kill_every, float), lease=lease, deadline=deadline, seed=seed)
+    summary = _run(run_workers(config, progress=_progress(as_json)))
+    show("chaos workers", summary.as_dict(), as_json)
