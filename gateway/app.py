@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse
 
 from shared.bus import EventBus, connect
 from shared.bus.dispatcher import Dispatcher
-from shared.bus.sessions import RateLimiter, SessionHub
+from shared.bus.sessions import SessionHub
 
 from . import errors, logs, rest, services, ws
+from .limits import BodyLimit, user_limits
 from .live import Live
 from .metrics import Metrics
 from .settings import GatewaySettings
@@ -43,7 +44,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await events.start()
         # Updates go through the broker only while another gateway follows them: a lone gateway
         # (or the one relaying) hands its sessions their updates directly.
-        dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix, relay_broadcast="followed")
+        limits = user_limits(redis, settings)  # per user, shared by every gateway (docs/gateway.md, Limits)
+        dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix, relay_broadcast="followed",
+                                admission=limits,
+                                queue_options={"max_message_bytes": settings.max_payload_bytes})
         hub = SessionHub(
             replay_window=settings.replay_window,
             replay_max=settings.replay_max,
@@ -57,7 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             dispatcher.relay.local = live.update
         app.state.redis, app.state.events, app.state.dispatcher = redis, events, dispatcher
         app.state.hub, app.state.live = hub, live
-        app.state.limiter = RateLimiter(settings.submit_rate, settings.submit_burst)
+        app.state.limits = limits
         live.start()
         if dispatcher.relay is not None:  # before serving: the relay holder must know we are here
             await dispatcher.relay.follow()
@@ -72,6 +76,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         gc.set_threshold(*GC_THRESHOLDS)
         background = [
             asyncio.create_task(dispatcher.run(), name="dispatcher"),
+            asyncio.create_task(limits.run(), name="socket-slots"),
             asyncio.create_task(_reap(hub, app.state.metrics), name="session-reaper"),
             asyncio.create_task(app.state.metrics.refresh_queues(dispatcher.queues), name="metrics"),
             asyncio.create_task(app.state.metrics.sample_loop_lag(), name="loop-lag"),
@@ -80,6 +85,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             dispatcher.stop()
+            limits.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -99,6 +105,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.started = time.time()
     app.state.gateway_stats = lambda: _stats(app)
+    # REST bodies are bounded before they are read (uploads have their own bound, MEETMESH_MEDIA_MAX_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, exempt=frozenset({"/api/v1/media"}))
     errors.install(app)
     app.include_router(rest.router)
     app.include_router(ws.router)

@@ -16,6 +16,7 @@ from shared.bus.dispatcher import Dispatcher, Submitted
 
 from .auth import Admin, Principal, User
 from .errors import ApiError, responses
+from .limits import limits_answered
 from .live import Live, task_frame
 
 router = APIRouter(prefix="/api/v1", responses=responses(400, 401, 503))
@@ -74,17 +75,6 @@ def _accepted(s: Submitted) -> Accepted:
     return Accepted(task_id=s.task_id, status=s.status, position=s.position)
 
 
-def _limit(request: Request, principal: Principal, cost: int = 1) -> None:
-    limiter = request.app.state.limiter
-    if not limiter.allow(principal.user, cost):
-        raise ApiError(
-            429,
-            "rate_limited",
-            "too many submissions; slow down",
-            headers={"Retry-After": str(max(1, round(limiter.retry_after(principal.user))))},
-        )
-
-
 async def owned_record(dispatcher: Dispatcher, principal: Principal, task_id: str) -> TaskRecord:
     """The task's record if ``principal`` may see it; anyone else gets the same 404 as for no task."""
     try:
@@ -98,17 +88,20 @@ async def owned_record(dispatcher: Dispatcher, principal: Principal, task_id: st
 
 async def submit(dispatcher: Dispatcher, principal: Principal, task: TaskSubmit,
                  on_id: Callable[[str], None] | None = None) -> Submitted:
-    return await dispatcher.submit(
-        on_id=on_id,
-        owner=principal.user,
-        type=task.type,
-        data=task.data,
-        priority=task.priority or Priority.NORMAL.value,
-        timeout_s=task.timeout_s,
-        delay_s=task.delay_s,
-        dedupe_key=task.dedupe_key,
-        meeting_id=task.meeting_id,
-    )
+    """Submit one task for ``principal`` (REST and WebSocket). The dispatcher's admission applies the
+    per-user limits, shared by every gateway (`gateway.limits`); a refusal is `ApiError` 429."""
+    async with limits_answered():
+        return await dispatcher.submit(
+            on_id=on_id,
+            owner=principal.user,
+            type=task.type,
+            data=task.data,
+            priority=task.priority or Priority.NORMAL.value,
+            timeout_s=task.timeout_s,
+            delay_s=task.delay_s,
+            dedupe_key=task.dedupe_key,
+            meeting_id=task.meeting_id,
+        )
 
 
 @router.post(
@@ -116,7 +109,6 @@ async def submit(dispatcher: Dispatcher, principal: Principal, task: TaskSubmit,
 )
 async def post_task(request: Request, principal: User, task: TaskSubmit) -> Accepted:
     """Submit a task; it is routed to the queue of the service that owns its type."""
-    _limit(request, principal)
     return _accepted(await submit(_dispatcher(request), principal, task))
 
 
@@ -129,7 +121,6 @@ async def post_task(request: Request, principal: User, task: TaskSubmit) -> Acce
 )
 async def post_batch(request: Request, principal: User, batch: TaskBatch) -> AcceptedBatch:
     """Submit up to 1,000 tasks at once: all are validated before any is queued."""
-    _limit(request, principal, len(batch.tasks))
     items = [
         {
             "type": t.type,
@@ -142,7 +133,8 @@ async def post_batch(request: Request, principal: User, batch: TaskBatch) -> Acc
         }
         for t in batch.tasks
     ]
-    submitted = await _dispatcher(request).submit_batch(owner=principal.user, items=items)
+    async with limits_answered():
+        submitted = await _dispatcher(request).submit_batch(owner=principal.user, items=items)
     return AcceptedBatch(tasks=[_accepted(s) for s in submitted])
 
 

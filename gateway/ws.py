@@ -32,6 +32,7 @@ from . import services
 from .auth import Principal, verify
 from .errors import ApiError, from_bus_error
 from .frames import MAX_SAFE_INT, FrameError, parse_frame, safe_id
+from .limits import socket_slot
 from .rest import TaskSubmit, owned_record, submit
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ class Connection:
         app = ws.app
         self.hub: SessionHub = app.state.hub
         self.dispatcher: Dispatcher = app.state.dispatcher
-        self.limiter = app.state.limiter
         self.max_bytes: int = app.state.settings.max_frame_bytes
         self.metrics = app.state.metrics
         self.session: Session = self.hub.open(principal.user, principal.roles)
@@ -116,13 +116,16 @@ class Connection:
 
     # -- frames from the client -------------------------------------------------------------------
 
-    def error(self, request_id: str | int | None, code: str, message: str) -> None:
+    def error(self, request_id: str | int | None, code: str, message: str,
+              retry_after: int | None = None) -> None:
         """Push an ``error`` frame (``request_id`` must come from `safe_id`); nothing if the session
-        is closed, as the reader then closes the socket."""
+        is closed, as the reader then closes the socket. ``retry_after`` (s) comes with a limit's refusal."""
         self.metrics.client_errors.labels(code).inc()
         frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
         if request_id is not None:
             frame["id"] = request_id
+        if retry_after is not None:
+            frame["retry_after"] = retry_after
         if self.session.state is not SessionState.CLOSED:
             self.session.push(frame)
 
@@ -149,7 +152,8 @@ class Connection:
         try:
             await handler(self, frame)
         except ApiError as exc:
-            self.error(request_id, exc.code, exc.message)
+            wait = (exc.headers or {}).get("Retry-After")  # a limit's refusal (gateway.limits)
+            self.error(request_id, exc.code, exc.message, int(wait) if wait and wait.isdigit() else None)
         except BusError as exc:
             err = from_bus_error(exc)
             self.error(request_id, err.code, err.message)
@@ -172,8 +176,6 @@ class Connection:
             raise ApiError(
                 400, "bad_request", f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
             ) from None
-        if not self.limiter.allow(self.principal.user):
-            raise ApiError(429, "rate_limited", "too many submissions; slow down")
         session = self.session
         held: list[str] = []  # the id given before the enqueue (one; none if building failed)
 
@@ -342,6 +344,8 @@ async def websocket(ws: WebSocket) -> None:
     metrics = ws.app.state.metrics
     metrics.sockets.inc()
     try:
-        await Connection(ws, principal).run()
+        async with socket_slot(ws, principal.user) as admitted:  # per-user socket limit (gateway.limits)
+            if admitted:
+                await Connection(ws, principal).run()
     finally:
         metrics.sockets.dec()

@@ -21,23 +21,22 @@ from .errors import (
 )
 from .events import BroadcastMessage, DeadEvent, EventBus, EventStats, Listener, Retention
 from .handlers import Context, Handler, Router
-from .keys import DispatchKeys, EventKeys, QueueKeys, SchedulerKeys
+from .keys import DispatchKeys, EventKeys, LimitKeys, QueueKeys, SchedulerKeys
 from .leases import Delivery
 from .limiter import AdaptiveLimiter
 from .local import BusClosed, LocalBus, LocalBusStats
 from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
+from .ratelimit import LimitExceeded, UserLimits
 from .records import QueueStats
 from .scheduler import Firing, Schedule, ScheduleInfo, Scheduler
 from .sessions import (
-    RateLimiter,
     ResumeGap,
     Session,
     SessionForbidden,
     SessionHub,
     SessionNotFound,
     SessionState,
-    TokenBucket,
 )
 from .settings import BusSettings
 from .worker import Worker
@@ -65,6 +64,8 @@ __all__ = [
     "HandlerSignal",
     "IllegalTransition",
     "InvalidMessage",
+    "LimitExceeded",
+    "LimitKeys",
     "Listener",
     "LocalBus",
     "LocalBusStats",
@@ -76,7 +77,6 @@ __all__ = [
     "QueueKeys",
     "QueueStats",
     "RateLimited",
-    "RateLimiter",
     "Reject",
     "ResumeGap",
     "Retention",
@@ -98,7 +98,7 @@ __all__ = [
     "TaskRecord",
     "TaskStatus",
     "TaskUpdate",
-    "TokenBucket",
+    "UserLimits",
     "Worker",
     "backoff",
     "connect",

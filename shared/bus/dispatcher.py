@@ -19,8 +19,8 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -34,7 +34,7 @@ from .message import Message, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
 from .relay import LEASE_SECONDS, Relay, TaskUpdate
 
-__all__ = ["DEFAULT_ROUTES", "Dispatcher", "Submitted", "TaskUpdate"]
+__all__ = ["DEFAULT_ROUTES", "Admission", "Dispatcher", "Submitted", "TaskUpdate"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,18 @@ class Submitted(BaseModel):
     created: bool
 
 
+class Admission(Protocol):
+    """What may refuse a submission before anything is written (`ratelimit.UserLimits`, per-user
+    limits): ``admit`` raises to refuse (given which of the owner's held ids are unfinished, if it
+    asks), ``release`` gives back ids admitted but never queued (a dedupe hit, a refused enqueue)."""
+
+    async def admit(self, owner: str, task_ids: Sequence[str],
+                    unfinished: Callable[[Sequence[str]], Awaitable[list[bool]]] | None = None,
+                    delay: float = 0.0) -> None: ...
+
+    async def release(self, owner: str, task_ids: Sequence[str]) -> None: ...
+
+
 class Dispatcher:
     """Routes tasks to their service's queue and follows them. One per gateway process.
 
@@ -70,13 +82,14 @@ class Dispatcher:
     every `Queue`. ``run()`` sweeps deadlines and, given ``events``, runs the relay (``relay``), which
     broadcasts status changes while it holds the cluster's relay lease (``relay_lease_seconds``):
     every one, or with ``relay_broadcast="followed"`` only while another instance follows them
-    (`Relay.follow`).
+    (`Relay.follow`). ``admission`` (per-user limits) is asked before every submission is written.
     """
 
     def __init__(self, redis: Redis, *, events: EventBus | None = None,
                  routes: Mapping[str, str] | None = None, prefix: str = DEFAULT_PREFIX,
                  queue_options: Mapping[str, Any] | None = None, publish_status_events: bool = False,
-                 relay_lease_seconds: float = LEASE_SECONDS, relay_broadcast: str = "always") -> None:
+                 relay_lease_seconds: float = LEASE_SECONDS, relay_broadcast: str = "always",
+                 admission: Admission | None = None) -> None:
         self.routes: dict[str, str] = dict(DEFAULT_ROUTES if routes is None else routes)
         if not self.routes:
             raise ConfigError("the dispatcher needs at least one route")
@@ -91,6 +104,7 @@ class Dispatcher:
         self.events = events
         self.keys = DispatchKeys(prefix)
         self.publish_status_events = publish_status_events
+        self.admission = admission
         self.queues: dict[str, Queue] = {name: Queue(name, redis, prefix=prefix, **(queue_options or {}))
                                          for name in sorted(set(self.routes.values()))}
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"  # this instance
@@ -125,9 +139,14 @@ class Dispatcher:
         ``on_id`` is called with the new task's id just before it is queued: a caller that routes
         the task's updates registers for them there, as they may come before this call returns. (A
         ``dedupe_key`` already in use returns the existing task instead, and the new id is unused.)
+
+        Dedupe keys are the owner's own (the queues' default ``dedupe_scope="owner"``): another
+        owner's equal key makes a new task. On a queue with shared keys (``"queue"``), a hit on a
+        task that is not ``owner``'s is refused with `InvalidMessage`, never answered.
         """
         queue, message = self._build(owner, type, data, priority, timeout_s, dedupe_key, meeting_id)
         delay = _delay(delay_s)
+        await self._admit(owner, [message.id], delay)
         self._remember([message])
         if on_id is not None:
             on_id(message.id)
@@ -138,6 +157,7 @@ class Dispatcher:
             if message.timeout:
                 with unreachable_as_bus_error("dropping a task deadline"):
                     await self.redis.zrem(self.keys.deadlines, message.id)
+            await self._release(owner, [message.id])
             raise
         return (await self._settled([(queue, message)], [done]))[0]
 
@@ -171,6 +191,7 @@ class Dispatcher:
         groups: dict[tuple[str, float | None], list[int]] = {}
         for n, ((queue, _), delay) in enumerate(zip(built, delays, strict=True)):
             groups.setdefault((queue.name, delay), []).append(n)
+        await self._admit(owner, [m.id for _, m in built], max((d or 0.0 for d in delays), default=0.0))
         await self._set_deadlines([m for _, m in built])
         self._remember([m for _, m in built])
         answers = await asyncio.gather(*(
@@ -190,6 +211,28 @@ class Dispatcher:
         message = queue.message(type, data, id=f"{queue.name}.{new_id()}", priority=priority, owner=owner,
                                 timeout=timeout_s, dedupe_key=dedupe_key, meeting_id=meeting_id)
         return queue, message
+
+    async def _admit(self, owner: str, ids: Sequence[str], delay: float | None) -> None:
+        if self.admission is not None and ids:
+            await self.admission.admit(owner, ids, self.unfinished, delay or 0.0)
+
+    async def _release(self, owner: str | None, ids: Sequence[str]) -> None:
+        if self.admission is not None and ids and owner is not None:
+            await self.admission.release(owner, ids)
+
+    async def unfinished(self, task_ids: Sequence[str]) -> list[bool]:
+        """For each id, whether its task is still queued or running (one pipelined read). Gone,
+        finished or naming no routed queue: False."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            asked = []
+            for task_id in task_ids:
+                queue = self._queue_of(task_id)
+                if queue is not None:
+                    pipe.hget(queue.keys.task(task_id), "status")
+                    asked.append(task_id)
+            with unreachable_as_bus_error("reading task statuses"):
+                statuses = dict(zip(asked, await pipe.execute(), strict=True)) if asked else {}
+        return [_open_status(statuses.get(task_id)) for task_id in task_ids]
 
     def _remember(self, messages: Sequence[Message]) -> None:
         """Tell this instance's relay what the tasks' status entries do not say, before they are
@@ -215,11 +258,21 @@ class Dispatcher:
         if unused:
             with unreachable_as_bus_error("dropping unused task deadlines"):
                 await self.redis.zrem(self.keys.deadlines, *unused)
+        never_queued = [m.id for (_, m), d in zip(built, done, strict=True) if not d.created]
+        if never_queued:  # their admission slots (the existing tasks hold their own)
+            await self._release(built[0][1].owner, never_queued)
         hits = [(q, d.id) for (q, _), d in zip(built, done, strict=True) if not d.created]
         existing: dict[str, TaskRecord | None] = {}
         if hits:  # a dedupe hit: answer the existing task's status
             records = await asyncio.gather(*(_record_or_none(q, task_id) for q, task_id in hits))
             existing = {task_id: r for (_, task_id), r in zip(hits, records, strict=True)}
+        for n, ((queue, message), d) in enumerate(zip(built, done, strict=True)):
+            if not d.created and not _theirs(queue, existing.get(d.id), message.owner):
+                # Only a queue whose dedupe keys are shared ("queue" scope) gets here: the task the
+                # key names is someone else's (or unknown), and the caller must learn nothing of it.
+                where = f" (batch item {n})" if len(built) > 1 else ""
+                raise InvalidMessage(f"dedupe_key {message.dedupe_key!r} is in use on queue "
+                                     f"{queue.name!r} by a task that is not yours{where}")
         out = []
         for (queue, _), d in zip(built, done, strict=True):
             if d.created:
@@ -345,6 +398,21 @@ class Dispatcher:
                 failures += 1
                 log.warning("deadline sweep failed (%d in a row): %r", failures, exc)
             await self._pause(backoff(failures) if failures else SWEEP_EVERY)
+
+
+def _open_status(status: str | None) -> bool:
+    try:
+        return status is not None and not TaskStatus(status).terminal
+    except ValueError:  # a record with a status we do not know: not ours to count
+        return False
+
+
+def _theirs(queue: Queue, record: TaskRecord | None, owner: str | None) -> bool:
+    """Whether a dedupe hit's task may be answered to ``owner``: it is theirs. A hit whose record is
+    gone is theirs only where the key itself names the owner (scope "owner")."""
+    if record is None:
+        return queue.dedupe_scope == "owner"
+    return record.owner == owner
 
 
 async def _record_or_none(queue: Queue, task_id: str) -> TaskRecord | None:

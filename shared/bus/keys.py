@@ -6,6 +6,7 @@ touches a single Redis Cluster slot.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from .errors import InvalidMessage
@@ -19,6 +20,18 @@ def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise InvalidMessage(f"invalid {kind} {value!r}: use 1-100 characters from A-Z a-z 0-9 . _ : -")
     return value
+
+
+DEDUPE_SCOPES = ("owner", "queue")
+
+
+def dedupe_suffix(dedupe_key: str, owner: str | None, scope: str = "owner") -> str:
+    """What follows a queue's ``dedupe_prefix`` for this key. Scope ``"owner"`` (the default) puts
+    the owner in it, length first (``5:alice:<key>``), so two owners never share one; ``"queue"``
+    shares the key among every producer of the queue (``<key>``: trusted internal producers)."""
+    if scope == "queue":
+        return dedupe_key
+    return f"{len(owner or '')}:{owner or ''}:{dedupe_key}"
 
 
 class QueueKeys:
@@ -56,6 +69,10 @@ class QueueKeys:
 
     def inbox(self, worker: str) -> str:
         return self.inbox_prefix + worker
+
+    def dedupe(self, dedupe_key: str, owner: str | None = None, *, scope: str = "owner") -> str:
+        """The dedupe key's Redis key (``dedupe_prefix`` + `dedupe_suffix`)."""
+        return self.dedupe_prefix + dedupe_suffix(dedupe_key, owner, scope)
 
     def layout(self) -> list[str]:
         """The KEYS every queue script takes, in order (see lua/_lib.lua)."""
@@ -128,3 +145,27 @@ class DispatchKeys:
 
     def all_patterns(self) -> list[str]:
         return [self.tag.replace("{", "\\{").replace("}", "\\}") + ":*"]
+
+
+_SAFE_USER = re.compile(r"^[A-Za-z0-9._@-]{1,100}$")
+
+
+class LimitKeys:
+    """The keys of one user's limits (`ratelimit.UserLimits`), shared by every gateway instance.
+
+    Each user's keys share the hash tag ``{_limits:<user>}`` (one Cluster slot per user, so the
+    admission script touches one slot and users spread over the cluster). A user id outside
+    ``A-Z a-z 0-9 . _ @ -`` (or longer than 100) is replaced by its SHA-256, so it cannot break
+    the tag; the leading ``_`` keeps these apart from every queue's keys, as for `DispatchKeys`.
+    """
+
+    __slots__ = ("sockets", "submit", "swept", "tag", "tasks")
+
+    def __init__(self, user: str, prefix: str = DEFAULT_PREFIX) -> None:
+        who = user if _SAFE_USER.match(user) else "h:" + hashlib.sha256(user.encode()).hexdigest()[:32]
+        tag = f"{check_name('key prefix', prefix)}:{{_limits:{who}}}"
+        self.tag = tag
+        self.submit = f"{tag}:submit"    # hash tokens, stamp (ms): the submission token bucket
+        self.sockets = f"{tag}:sockets"  # zset socket id -> expiry (ms), renewed while it is open
+        self.tasks = f"{tag}:tasks"      # zset task id -> expiry (ms): tasks queued and not finished
+        self.swept = f"{tag}:swept"      # string with a TTL: finished tasks were swept from `tasks`

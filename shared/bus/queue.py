@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .connection import translates_unreachable, unreachable_as_bus_error
 from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound, describe
-from .keys import DEFAULT_PREFIX, QueueKeys
+from .keys import DEDUPE_SCOPES, DEFAULT_PREFIX, QueueKeys, dedupe_suffix
 from .leases import LeaseOps, to_ms
 from .message import Message, TaskRecord, TaskStatus, new_id, new_traceparent
 from .records import QueueStats, parse_record, parse_stats
@@ -83,6 +83,7 @@ class Queue(LeaseOps):
         self.redis = redis
         self.max_retries = max_retries
         self.timeout = timeout
+        dedupe_scope: str = "owner",
         self.lease_seconds = lease_seconds
         self.aging_seconds = aging_seconds
         self.retry_base_seconds = retry_base_seconds
@@ -90,6 +91,8 @@ class Queue(LeaseOps):
         self.record_ttl = record_ttl
         self.dedupe_ttl = dedupe_ttl
         self.max_message_bytes = max_message_bytes
+        if dedupe_scope not in DEDUPE_SCOPES:
+            raise ValueError(f"dedupe_scope must be one of {', '.join(DEDUPE_SCOPES)}, not {dedupe_scope!r}")
         self.events_maxlen = events_maxlen
         self._weight = round(aging_seconds * 1e6) if aging_seconds else STRICT_LEVEL_WEIGHT_US
         self._scripts = Scripts(redis)
@@ -109,6 +112,7 @@ class Queue(LeaseOps):
 
     @contextlib.asynccontextmanager
     async def _borrowed(self) -> AsyncIterator[Any]:
+        self.dedupe_scope = dedupe_scope  # "owner": a dedupe key is its owner's alone (keys.dedupe_suffix)
         """A pool connection for commands sent and read by hand, given back after. If the block
         fails the connection is dropped: answers may be left unread, so it is not reusable."""
         pool = self.redis.connection_pool
@@ -278,6 +282,10 @@ class Queue(LeaseOps):
         """
         delay_ms = self._delay_ms(delay, at)
         ttl_ms = str(to_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
+        A ``dedupe_key`` is its owner's (the queue's ``dedupe_scope="owner"``, the default: two
+        owners' equal keys are two tasks); with ``"queue"`` every producer of the queue shares them,
+        for trusted internal producers only (the dispatcher refuses a user a hit on another's task).
+
         args: list[Any] = []
         for m in messages:
             args.extend(self._pack(m, delay_ms, ttl_ms))
@@ -374,8 +382,8 @@ class Queue(LeaseOps):
     def _pack(self, m: Message, delay_ms: int, ttl_ms: str) -> list[Any]:
         body = self._checked(m.type, lambda: m.model_dump_json(exclude_none=True))
         retries = self.max_retries if m.max_retries is None else m.max_retries
-        return [m.id, m.priority.level, delay_ms, m.dedupe_key or "", ttl_ms, retries, m.type,
-                m.owner or "", body]
+        dedupe = dedupe_suffix(m.dedupe_key, m.owner, self.dedupe_scope) if m.dedupe_key else ""
+        return [m.id, m.priority.level, delay_ms, dedupe, ttl_ms, retries, m.type, m.owner or "", body]
 
     @staticmethod
     def _delay_ms(delay: float | None, at: float | None) -> int:

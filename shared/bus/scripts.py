@@ -13,8 +13,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-_NAMES = ("cancel-7", "dequeue-10", "enqueue-10", "progress-2", "purge-1", "relay-release-1", "relay-renew-1",
-          "renew-2", "replay-10", "settle-10", "wake-10")
+_NAMES = ("cancel-7", "dequeue-10", "enqueue-10", "progress-2", "purge-1", "ratelimit-2", "relay-release-1",
+          "relay-renew-1", "renew-2", "replay-10", "settle-10", "wake-10")
 
 
 @cache

@@ -3,7 +3,7 @@
 A `Session` numbers every frame sent to its client (``welcome`` is 0), keeps the encoded frames for a
 ``replay_window`` so a client that reconnects with ``resume`` loses nothing, and bounds what may wait
 for a slow socket. A `SessionHub` holds them: it opens and resumes them, routes task updates and topic
-events to them, and reaps the idle and the expired. `TokenBucket` and `RateLimiter` limit submissions.
+events to them, and reaps the idle and the expired. (Per-user limits: `ratelimit.UserLimits`, in Redis.)
 Nothing here starts tasks or timers: the gateway runs one reaper loop and one writer per socket.
 
 Close codes the gateway sends (4000-4999 are ours)::
@@ -611,76 +611,3 @@ def _discard(index: dict[str, dict[Session, None]], key: str, session: Session) 
 def _check_open(session: Session) -> None:
     if session.state is SessionState.CLOSED:
         raise SessionNotFound(session.id, "it is closed")
-
-
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second; each `allow` spends ``cost`` if it can."""
-
-    __slots__ = ("_clock", "_stamp", "_tokens", "_wanted", "burst", "rate")
-
-    def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._tokens, self._stamp, self._wanted = float(burst), clock(), 1.0
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._stamp) * self.rate)
-        self._stamp = now
-
-    @property
-    def tokens(self) -> float:
-        self._refill()
-        return self._tokens
-
-    def allow(self, cost: float = 1.0) -> bool:
-        """Spend ``cost`` tokens if there are enough; whether it did."""
-        if not 0 < cost <= self.burst:
-            raise ValueError(f"cost must be > 0 and <= burst ({self.burst})")
-        self._refill()
-        self._wanted = cost
-        if self._tokens + 1e-9 >= cost:  # float refill must not refuse a whole token by 1e-16
-            self._tokens = max(0.0, self._tokens - cost)
-            return True
-        return False
-
-    @property
-    def retry_after(self) -> float:
-        """Seconds until the last cost asked for (1 at first) would be allowed; 0 if it would now."""
-        self._refill()
-        return max(0.0, (self._wanted - self._tokens) / self.rate)
-
-    def full(self, now: float) -> bool:
-        """Whether the bucket will be full at ``now`` (so a new one would behave the same)."""
-        return self._tokens + max(0.0, now - self._stamp) * self.rate >= self.burst
-
-
-class RateLimiter:
-    """One `TokenBucket` per key (user); buckets that have refilled to full are pruned as they go."""
-
-    def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
-        TokenBucket(rate, burst, clock)  # validates
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._buckets: dict[str, TokenBucket] = {}
-        self._prune_every = max(burst / rate, 1.0)
-        self._next_prune = clock() + self._prune_every
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, key: str, cost: float = 1.0) -> bool:
-        """Spend ``cost`` from ``key``'s bucket if it can; whether it did."""
-        now = self._clock()
-        if now >= self._next_prune:
-            self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
-            self._next_prune = now + self._prune_every
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self._clock)
-        return bucket.allow(cost)
-
-    def retry_after(self, key: str) -> float:
-        """Seconds until ``key`` may try again (0 for a key with no bucket)."""
-        bucket = self._buckets.get(key)
-        return bucket.retry_after if bucket is not None else 0.0

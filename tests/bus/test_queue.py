@@ -352,7 +352,7 @@ async def test_dedupe_within_one_batch(make_queue: MakeQueue) -> None:
 async def test_dedupe_expires_after_its_ttl(make_queue: MakeQueue, redis: Any) -> None:
     queue = make_queue(dedupe_ttl=0.2)
     first = await queue.enqueue("t", dedupe_key="k")
-    dkey = queue.keys.dedupe_prefix + "k"
+    dkey = queue.keys.dedupe("k")
     assert await redis.get(dkey) == first.id
     assert 0 < await redis.pttl(dkey) <= 200
     assert (await queue.enqueue("t", dedupe_key="k")).created is False
@@ -371,7 +371,7 @@ async def _not(value: Awaitable[Any]) -> bool:
 async def test_per_call_dedupe_ttl_overrides_the_queue_default(make_queue: MakeQueue, redis: Any) -> None:
     queue = make_queue()  # default 1 hour
     await queue.enqueue("t", dedupe_key="short", dedupe_ttl=0.2)
-    assert 0 < await redis.pttl(queue.keys.dedupe_prefix + "short") <= 200
+    assert 0 < await redis.pttl(queue.keys.dedupe("short")) <= 200
 
 
 async def test_enqueue_with_an_existing_id_is_idempotent(make_queue: MakeQueue,

@@ -1,4 +1,4 @@
-"""Gateway sessions: seq numbering, replay for resume, supersede, slow clients, routing, reaping, rate limits.
+"""Gateway sessions: seq numbering, replay for resume, supersede, slow clients, routing, reaping.
 
 No network and no sleeps: time is a `FakeClock` moved by hand, and writers are parked on the session's
 own waiter (``asyncio.sleep(0)`` only lets a task reach its await).
@@ -22,14 +22,12 @@ from shared.bus.sessions import (
     CLOSE_SLOW_CLIENT,
     CLOSE_SUPERSEDED,
     REAP_SLICE,
-    RateLimiter,
     ResumeGap,
     Session,
     SessionForbidden,
     SessionHub,
     SessionNotFound,
     SessionState,
-    TokenBucket,
 )
 
 
@@ -598,54 +596,3 @@ def test_per_session_memory_stays_small(make_hub: Any) -> None:
         tracemalloc.stop()
     assert per_idle < 6 * 1024, per_idle
     assert per_busy < 1.25 * 32 * 1024, per_busy
-
-
-# -- rate limits -----------------------------------------------------------------------------------
-
-def test_token_bucket_burst_then_refill_at_rate(clock: FakeClock) -> None:
-    bucket = TokenBucket(rate=2.0, burst=3, clock=clock)
-    assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
-    assert bucket.retry_after == pytest.approx(0.5)
-    clock.advance(0.25)
-    assert bucket.allow() is False
-    assert bucket.retry_after == pytest.approx(0.25)
-    clock.advance(0.25)
-    assert bucket.allow() is True
-    clock.advance(100)  # refills to the burst, no further
-    assert bucket.tokens == 3
-    assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
-
-
-def test_token_bucket_costs(clock: FakeClock) -> None:
-    bucket = TokenBucket(rate=1.0, burst=4, clock=clock)
-    assert bucket.retry_after == 0.0
-    assert bucket.allow(3) is True
-    assert bucket.allow(2) is False
-    assert bucket.retry_after == pytest.approx(1.0)  # for the 2 asked for
-    with pytest.raises(ValueError, match="burst"):
-        bucket.allow(5)
-    with pytest.raises(ValueError):
-        TokenBucket(rate=0, burst=1, clock=clock)
-
-
-def test_token_bucket_refill_is_not_defeated_by_float_rounding(clock: FakeClock) -> None:
-    bucket = TokenBucket(rate=10.0, burst=1, clock=clock)
-    assert bucket.allow() is True
-    for _ in range(10):
-        clock.advance(0.01)
-    assert bucket.allow() is True
-
-
-def test_rate_limiter_is_per_user_and_prunes_idle_buckets(clock: FakeClock) -> None:
-    limiter = RateLimiter(1.0, 2, clock=clock)
-    assert [limiter.allow("ann") for _ in range(3)] == [True, True, False]
-    assert limiter.retry_after("ann") == pytest.approx(1.0)
-    assert limiter.retry_after("nobody") == 0.0
-    assert [limiter.allow("bob") for _ in range(3)] == [True, True, False]
-    assert len(limiter) == 2
-    clock.advance(1.0)
-    assert limiter.allow("ann") is True
-    clock.advance(1.5)  # the next prune: ann's bucket (empty 1.5 s ago) is not full yet; bob's is
-    limiter.allow("cat")
-    assert len(limiter) == 2  # bob pruned, ann and cat kept
-    assert limiter.allow("ann") is True and limiter.allow("ann") is False  # ann's state survived
