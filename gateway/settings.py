@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-import logging
+from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from shared.bus import BusSettings
-
-log = logging.getLogger(__name__)
-DEV_SECRET = "meetmesh-development-secret-change-me-now"
+from shared.bus.credentials import SecretFiles, check_secret
 
 
 class GatewaySettings(BusSettings):
-    """The bus's settings plus the gateway's own."""
+    """The bus's settings plus the gateway's own.
 
-    jwt_secret: str = Field(default=DEV_SECRET, min_length=32)
+    ``MEETMESH_JWT_SECRET`` (or a file named by ``MEETMESH_JWT_SECRET_FILE``) signs and verifies
+    tokens: required, 32+ bytes, unless ``MEETMESH_ENV=dev``, where a missing one is the data
+    folder's development secret (``MEETMESH_DATA_DIR``/dev-secret; `shared.bus.credentials`).
+    """
+
+    env: Literal["dev", "production"] = Field(default="production", description="dev: development mode")
+    data_dir: Path = Path(".meetmesh")
+    jwt_secret: str = Field(default="", validate_default=True, repr=False)
     token_ttl: float = Field(default=24 * 3600.0, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_frame_bytes: int = Field(default=1 << 20, ge=1024)
+    # Per-user limits, shared by every gateway through Redis (docs/gateway.md, "Limits")
     submit_rate: float = Field(default=50.0, gt=0, description="submissions per second per user, sustained")
     submit_burst: int = Field(default=200, ge=1, description="submissions per user at once")
     max_sockets_per_user: int = Field(default=20, ge=1, description="WebSockets open at once per user")
@@ -32,11 +40,18 @@ class GatewaySettings(BusSettings):
     send_buffer: int = Field(default=256, ge=1, description="frames queued for one slow socket")
     idle_timeout: float = Field(default=60.0, gt=0)
     ping_interval: float = Field(default=30.0, gt=0)
-    # Per-user limits, shared by every gateway through Redis (docs/gateway.md, "Limits")
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _strong_secret(cls, value: str, info: ValidationInfo) -> str:
+        return check_secret(value, "MEETMESH_JWT_SECRET", dev=info.data.get("env") == "dev",
+                            folder=info.data.get("data_dir"))
 
     @classmethod
-    def load(cls) -> GatewaySettings:
-        settings = super().load()
-        if settings.jwt_secret == DEV_SECRET:
-            log.warning("MEETMESH_JWT_SECRET is not set: tokens are signed with the development secret")
-        return settings
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, SecretFiles(settings_cls, ["jwt_secret"]), dotenv_settings,
+                file_secret_settings)

@@ -14,6 +14,12 @@ import pytest
 from shared.bus import Queue, Router, Worker, connect
 
 REDIS_URL = os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+# Outside development mode (MEETMESH_ENV=dev) settings refuse to start without a signing secret of
+# 32+ bytes: the tests sign with this one. A test of start-up without a secret removes it.
+TEST_JWT_SECRET = "tests-only-jwt-secret-not-for-any-deployment"
+os.environ["MEETMESH_JWT_SECRET"] = TEST_JWT_SECRET
+os.environ.pop("MEETMESH_JWT_SECRET_FILE", None)
+os.environ.pop("MEETMESH_ENV", None)
 
 
 @pytest.fixture

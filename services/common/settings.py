@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from shared.bus import BusSettings, ConfigError
+from shared.bus.credentials import SecretFiles, check_secret
 
 log = logging.getLogger(__name__)
-# The gateway's development secret (gateway.settings.DEV_SECRET; a test keeps the two equal): services
-# must not import the gateway, which imports them.
-DEV_SECRET = "meetmesh-development-secret-change-me-now"
 DEFAULT_PORTS = {"user": 8101, "meeting": 8102, "media": 8103, "ai": 8104}
 
 
@@ -23,14 +24,18 @@ class ServiceSettings(BusSettings):
     ``sqlite:///<MEETMESH_DATA_DIR>/meetmesh.db``) or ``postgresql://user@host/db``; the async driver
     (aiosqlite, asyncpg) is filled in. ``MEETMESH_DATABASE_SCHEMA`` puts a PostgreSQL store's tables
     in that schema (created if missing). Each service serves its REST on ``MEETMESH_<NAME>_PORT``.
+
+    ``MEETMESH_JWT_SECRET`` (or a file named by ``MEETMESH_JWT_SECRET_FILE``), the gateway's too:
+    required, 32+ bytes, unless ``MEETMESH_ENV=dev``, where a missing one is the data folder's
+    development secret (``<MEETMESH_DATA_DIR>/dev-secret``; `shared.bus.credentials`).
     """
 
+    env: Literal["dev", "production"] = Field(default="production", description="dev: development mode")
     data_dir: Path = Path(".meetmesh")
     database_url: str | None = None
     database_schema: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    jwt_secret: str = Field(default=DEV_SECRET, min_length=32)
+    jwt_secret: str = Field(default="", validate_default=True, repr=False)
     token_ttl: float = Field(default=24 * 3600.0, gt=0, description="lifetime of issued tokens, seconds")
-    admin_usernames: str = Field(default="", description="comma-separated usernames registered as admins")
     service_host: str = "127.0.0.1"
     user_port: int = Field(default=DEFAULT_PORTS["user"], ge=0, le=65535)
     meeting_port: int = Field(default=DEFAULT_PORTS["meeting"], ge=0, le=65535)
@@ -50,14 +55,25 @@ class ServiceSettings(BusSettings):
             raise ValueError("must name a directory (it is empty)")
         return value
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _strong_secret(cls, value: str, info: ValidationInfo) -> str:
+        return check_secret(value, "MEETMESH_JWT_SECRET", dev=info.data.get("env") == "dev",
+                            folder=info.data.get("data_dir"))
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, SecretFiles(settings_cls, ["jwt_secret"]), dotenv_settings,
+                file_secret_settings)
+
     def port_for(self, service: str) -> int:
         """``MEETMESH_<NAME>_PORT`` of a known service; a service of another name gets 0 (any free port)."""
         port = getattr(self, f"{service}_port", 0)
         return int(port)
-
-    @property
-    def admins(self) -> frozenset[str]:
-        return frozenset(n.strip().lower() for n in self.admin_usernames.split(",") if n.strip())
 
     @property
     def database(self) -> str:
@@ -73,6 +89,7 @@ class ServiceSettings(BusSettings):
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ConfigError(f"MEETMESH_{str(err['loc'][0]).upper()}: {err['msg']}") from exc
-        if settings.jwt_secret == DEV_SECRET:
-            log.warning("MEETMESH_JWT_SECRET is not set: tokens are signed with the development secret")
+        if os.environ.get("MEETMESH_ADMIN_USERNAMES"):
+            log.warning("MEETMESH_ADMIN_USERNAMES is no longer read: registering a name grants no admin "
+                        "role; an operator grants it with `meetmesh user grant-admin NAME`")
         return settings

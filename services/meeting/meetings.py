@@ -13,6 +13,11 @@ joins an active one by id, unless the host removed them. Participants leave, mut
 themselves, and chat. The host (or an admin) also mutes and unmutes others, removes (kicks) anyone
 but the host, and ends the meeting. Participants, past and present, the host and admins read the
 meeting and its chat; so do other services (role ``service``).
+
+To anyone else (never in it, or removed by the host) an existing meeting answers exactly as a missing
+one, 404 ``no meeting <id>``, whatever they ask, so meeting ids cannot be probed; tasks and media do
+the same. Only ``join`` acts on a meeting the caller is not in: an active meeting's id is its
+invitation.
 """
 
 from __future__ import annotations
@@ -74,8 +79,7 @@ class Meetings:
 
     async def get(self, actor: Actor, meeting_id: str) -> MeetingOut:
         async with self.service.database.session() as s:
-            meeting = await self._meeting(s, meeting_id)
-            await self._may_read(s, actor, meeting)
+            meeting = await self._meeting(s, actor, meeting_id)
             return await self._out(s, meeting)
 
     async def mine(self, actor: Actor, status: str | None = None, limit: int = 100) -> list[MeetingOut]:
@@ -91,8 +95,11 @@ class Meetings:
 
     async def join(self, actor: Actor, meeting_id: str) -> MeetingOut:
         async with self.service.database.session() as s:
-            meeting = await self._active(s, meeting_id)
+            meeting = await self._meeting(s, None, meeting_id, lock=True)
             p = await s.get(Participant, (meeting_id, actor.user_id))
+            if meeting.status != ACTIVE:   # past its end only those who may see it learn it existed
+                await self._must_see(s, actor, meeting)
+                raise Conflict(f"meeting {meeting_id!r} has ended")
             changed = True
             if p is None:
                 s.add(Participant(meeting_id=meeting_id, user_id=actor.user_id, joined_at=time.time()))
@@ -114,7 +121,7 @@ class Meetings:
 
     async def leave(self, actor: Actor, meeting_id: str) -> MeetingOut:
         async with self.service.database.session() as s:
-            meeting = await self._active(s, meeting_id)
+            meeting = await self._active(s, actor, meeting_id)
             p = await self._inside(s, meeting_id, actor.user_id, "you are not in this meeting")
             p.left_at = time.time()
             left = {"meeting_id": meeting_id, "user_id": actor.user_id, "kicked": False}
@@ -127,7 +134,7 @@ class Meetings:
 
     async def end(self, actor: Actor, meeting_id: str) -> MeetingOut:
         async with self.service.database.session() as s:
-            meeting = await self._active(s, meeting_id)
+            meeting = await self._active(s, actor, meeting_id)
             self._must_host(actor, meeting, "end the meeting")
             now = time.time()
             meeting.status, meeting.ended_at, meeting.ended_by = ENDED, now, actor.user_id
@@ -145,7 +152,7 @@ class Meetings:
         """Mute (or unmute) ``user_id``, or the caller when None; others only as the host."""
         target = user_id or actor.user_id
         async with self.service.database.session() as s:
-            meeting = await self._active(s, meeting_id)
+            meeting = await self._active(s, actor, meeting_id)
             if target != actor.user_id:
                 self._must_host(actor, meeting, f"{'mute' if muted else 'unmute'} others")
                 p = await self._inside(s, meeting_id, target, f"user {target!r} is not in this meeting")
@@ -164,7 +171,7 @@ class Meetings:
 
     async def kick(self, actor: Actor, meeting_id: str, user_id: str) -> MeetingOut:
         async with self.service.database.session() as s:
-            meeting = await self._active(s, meeting_id)
+            meeting = await self._active(s, actor, meeting_id)
             self._must_host(actor, meeting, "remove participants")
             if user_id == meeting.host_id:
                 raise BadRequest("the host cannot be removed; end the meeting instead")
@@ -183,7 +190,7 @@ class Meetings:
     async def post_chat(self, actor: Actor, meeting_id: str, text: str) -> ChatMessageOut:
         """Store a message from a participant and send it live on ``meeting.<id>`` as ``meeting.chat``."""
         async with self.service.database.session() as s:
-            await self._active(s, meeting_id)
+            await self._active(s, actor, meeting_id)
             await self._inside(s, meeting_id, actor.user_id, "only participants in the meeting may chat",
                                error=Forbidden)
             message = ChatMessage(meeting_id=meeting_id, user_id=actor.user_id, text=text,
@@ -202,8 +209,7 @@ class Meetings:
         """The meeting's messages in order, ``limit`` (up to 500) after the id ``after``."""
         limit = max(1, min(limit, CHAT_PAGE_MAX))
         async with self.service.database.session() as s:
-            meeting = await self._meeting(s, meeting_id)
-            await self._may_read(s, actor, meeting)
+            await self._meeting(s, actor, meeting_id)
             query = (select(ChatMessage, KnownUser.username)
                      .outerjoin(KnownUser, KnownUser.user_id == ChatMessage.user_id)
                      .where(ChatMessage.meeting_id == meeting_id))
@@ -258,16 +264,20 @@ class Meetings:
         """The live update on ``meeting.<id>``, once the change (and its staged event) committed."""
         await self.service.broadcast(topic(meeting_id), event, data)
 
-    async def _meeting(self, s: AsyncSession, meeting_id: str, *, lock: bool = False) -> Meeting:
+    async def _meeting(self, s: AsyncSession, actor: Actor | None, meeting_id: str, *,
+                       lock: bool = False) -> Meeting:
+        """The meeting, if ``actor`` may see it (None: unchecked); `NotFound` alike if missing or not."""
         query = select(Meeting).where(Meeting.id == meeting_id)
         meeting = await s.scalar(query.with_for_update() if lock else query)
         if meeting is None:
             raise NotFound(f"no meeting {meeting_id!r}")
+        if actor is not None:
+            await self._must_see(s, actor, meeting)
         return meeting
 
-    async def _active(self, s: AsyncSession, meeting_id: str) -> Meeting:
-        """The meeting, locked for this transaction; `Conflict` once it has ended."""
-        meeting = await self._meeting(s, meeting_id, lock=True)
+    async def _active(self, s: AsyncSession, actor: Actor, meeting_id: str) -> Meeting:
+        """The meeting ``actor`` may see, locked for this transaction; `Conflict` once it has ended."""
+        meeting = await self._meeting(s, actor, meeting_id, lock=True)
         if meeting.status != ACTIVE:
             raise Conflict(f"meeting {meeting_id!r} has ended")
         return meeting
@@ -288,12 +298,14 @@ class Meetings:
         if actor.user_id != meeting.host_id and not actor.is_admin:
             raise Forbidden(f"only the host may {what}")
 
-    async def _may_read(self, s: AsyncSession, actor: Actor, meeting: Meeting) -> None:
+    async def _must_see(self, s: AsyncSession, actor: Actor, meeting: Meeting) -> None:
+        """`NotFound`, as for a missing meeting, unless ``actor`` is its host, a participant (past or
+        present, not removed), an admin or a service."""
         if actor.user_id == meeting.host_id or actor.is_admin or actor.is_service:
             return
         p = await s.get(Participant, (meeting.id, actor.user_id))
         if p is None or p.kicked:
-            raise Forbidden("only the meeting's participants may see it")
+            raise NotFound(f"no meeting {meeting.id!r}")
 
     async def _out(self, s: AsyncSession, meeting: Meeting) -> MeetingOut:
         rows: Sequence[Any] = (await s.execute(

@@ -4,7 +4,12 @@ Passwords are hashed with argon2id (argon2-cffi), on a thread so a hash never st
 loop. A failed login says only "invalid username or password", and takes as long for an unknown
 user as for a wrong password (a dummy hash is verified), so neither the answer nor its timing tells
 which part was wrong. Tokens are HS256 JWTs that `gateway.auth.verify` accepts: ``sub`` (the user
-id), ``roles``, ``iat``, ``exp``, plus ``name`` (the username).
+id), ``roles``, ``iat`` (to the microsecond: a revocation refuses exactly the tokens issued before
+it), ``exp``, plus ``name`` (the username).
+
+Registering never grants the admin role: an operator does (``meetmesh user grant-admin NAME``, see
+`services.user.admin`), or an admin through ``PUT /users/{id}/roles``. Losing the admin role, or the
+account, revokes the tokens issued before (`revocation`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from services.common.errors import BadRequest
 from shared.bus import new_id
 
 from .models import User
+from .revocation import revoke_tokens
 from .schemas import LoginRequest, ProfileUpdate, RegisterRequest, Role, TokenOut, UserOut
 
 ALGORITHM = "HS256"  # what gateway.auth.verify accepts
@@ -32,9 +38,9 @@ BAD_LOGIN = "invalid username or password"
 
 def issue_token(secret: str, user: User, ttl: float) -> TokenOut:
     """A signed bearer token for ``user``, valid ``ttl`` seconds."""
-    now = int(time.time())
+    now = time.time()
     claims: dict[str, Any] = {"sub": user.id, "name": user.username, "roles": list(user.roles),
-                              "iat": now, "exp": now + int(ttl)}
+                              "iat": now, "exp": int(now + ttl)}
     return TokenOut(access_token=jwt.encode(claims, secret, algorithm=ALGORITHM),
                     expires_at=float(claims["exp"]), user=user.out())
 
@@ -50,13 +56,13 @@ class Accounts:
         self._dummy_hash: str | None = None
 
     async def register(self, req: RegisterRequest) -> TokenOut:
-        """Create an account (admin role if its name is in ``MEETMESH_ADMIN_USERNAMES``) and log it in."""
+        """Create an account (role ``user``: admin is an operator's grant) and log it in."""
         key = req.username.lower()
         async with self.service.database.session() as s:
             if await s.scalar(select(User.id).where(User.username_key == key)) is not None:
                 raise Conflict(f"the username {req.username!r} is taken")
         password_hash = await asyncio.to_thread(self.hasher.hash, req.password)
-        roles = ["user", "admin"] if key in self.service.settings.admins else ["user"]
+        roles = ["user"]
         user = User(id=new_id(), username=req.username, username_key=key, email=req.email,
                     display_name=req.display_name, password_hash=password_hash, roles=roles)
         async with self.service.database.session() as s:
@@ -115,15 +121,19 @@ class Accounts:
             return [u.out() for u in users]
 
     async def set_roles(self, actor: Actor, user_id: str, roles: list[Role]) -> UserOut:
-        """An admin sets ``user_id``'s roles (``user`` is always kept); they apply from its next token."""
+        """An admin sets ``user_id``'s roles (``user`` is always kept); they apply from its next token.
+        Taking a role away also refuses the tokens issued before (which still carry it)."""
         if not actor.is_admin:
             raise Forbidden("setting roles needs the admin role")
         async with self.service.database.session() as s:
             user = await self._user(s, user_id)
+            before = set(user.roles)
             user.roles = sorted({"user", *roles}, key=lambda r: r != "user")
             user.updated_at = time.time()
             await s.commit()
-            return user.out()
+        if before - set(user.roles):
+            await revoke_tokens(self.service.redis, self.service.settings.key_prefix, user.id)
+        return user.out()
 
     # -- helpers ----------------------------------------------------------------------------------
 

@@ -296,7 +296,10 @@ def gateway_cmd(
 
     from gateway.settings import GatewaySettings
 
-    settings = GatewaySettings.load()
+    try:
+        settings = GatewaySettings.load()
+    except BusError as exc:   # a missing or weak MEETMESH_JWT_SECRET, a bad value: one line, exit 1
+        sys.exit(f"meetmesh gateway: {exc}")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A socket silent for idle_timeout is dropped: pinged every ping_interval, it has the rest to reply.
     pong_timeout = max(settings.idle_timeout - settings.ping_interval, 1.0)
@@ -314,15 +317,20 @@ def gateway_cmd(
 
 @app.command()
 def token(
-    user: Annotated[str, typer.Option(help="The token's subject (user id).")],
-    admin: Annotated[bool, typer.Option("--admin", help="Add the admin role.")] = False,
-    ttl: Annotated[float, typer.Option(help="Lifetime, seconds.")] = 24 * 3600.0,
+    user: Annotated[str, typer.Option(help="A registered username: the token is that user's, with its "
+                                           "roles.")],
+    ttl: Annotated[float | None, typer.Option(
+        min=1.0, help="Lifetime, seconds (default MEETMESH_TOKEN_TTL, 24 h).")] = None,
 ) -> None:
-    """Mint a development JWT (HS256, MEETMESH_JWT_SECRET) for the gateway."""
-    from gateway.auth import mint
-    from gateway.settings import GatewaySettings
+    """Mint a token for a registered user (an operator's and a developer's tool).
 
-    print(mint(GatewaySettings.load().jwt_secret, user, admin=admin, ttl=ttl))
+    The user is looked up by name in the user service's store (MEETMESH_DATABASE_URL, else the SQLite
+    file in MEETMESH_DATA_DIR, ./.meetmesh); the token carries its id and its roles (admin only after
+    `meetmesh user grant-admin NAME`). Signed with MEETMESH_JWT_SECRET (or MEETMESH_JWT_SECRET_FILE),
+    else with the development secret `meetmesh up` keeps in the data folder."""
+    from services.user.cli import mint_for_user
+
+    print(mint_for_user(user, ttl))
 
 
 @app.command("service")
@@ -340,6 +348,7 @@ def _register_sub_apps() -> None:
     # Imported here, not at the top: these modules import helpers from this one.
     from gateway.bench import bench_ws_cmd
     from reliability.cli import register as register_chaos
+    from services.user.cli import register as register_user
 
     from .bench_events import bench_events_cmd
     from .cli_schedule import app as schedule_app
@@ -354,6 +363,7 @@ def _register_sub_apps() -> None:
     register_up(app)
     register_submit(app)
     register_chaos(app)
+    register_user(app)
 
 
 _register_sub_apps()

@@ -5,8 +5,11 @@ submit over the WebSocket and follow the task live (status, a progress bar from 
 the streamed ``delta`` text as it arrives, then the result as JSON); the exit code is 0 when the task
 completed, 1 otherwise. ``--json`` prints the answer (or, waiting, every frame) as JSON lines.
 
-The token: ``--token``, else ``MEETMESH_TOKEN``, else a development token minted for ``--user`` with
-``MEETMESH_JWT_SECRET`` (the secret the gateway verifies with; ``meetmesh up`` prints it).
+The token: ``--token``, else ``MEETMESH_TOKEN``, else one minted for ``--user NAME``, a registered
+user, as ``meetmesh token --user NAME`` does: looked up in the user service's store, signed with
+``MEETMESH_JWT_SECRET`` (or ``MEETMESH_JWT_SECRET_FILE``), else with the development secret
+``meetmesh up`` keeps in the data folder (``MEETMESH_DATA_DIR``, default ``./.meetmesh``), so a second
+shell in the same folder needs nothing set.
 """
 
 from __future__ import annotations
@@ -35,17 +38,16 @@ def default_gateway() -> str:
     return os.environ.get("MEETMESH_GATEWAY_URL") or f"http://127.0.0.1:{port}"
 
 
-def resolve_token(token: str | None, user: str) -> str:
+def resolve_token(token: str | None, user: str | None) -> str:
     """The bearer token to send (see the module's docstring); exits with a hint when there is none."""
     if token:
         return token
-    secret = os.environ.get("MEETMESH_JWT_SECRET")
-    if not secret:
+    if not user:
         sys.exit("meetmesh submit: no token: pass --token, set MEETMESH_TOKEN (e.g. the access_token of "
-                 "/api/v1/auth/login), or set MEETMESH_JWT_SECRET to mint a development token")
-    from gateway.auth import mint
+                 "/api/v1/auth/login), or name a registered user with --user NAME to mint one")
+    from services.user.cli import mint_for_user  # the CLI's app layer, imported only here
 
-    return mint(secret, user)
+    return mint_for_user(user, command="submit")
 
 
 def task_body(type: str, payload: Any, *, priority: str | None, timeout: float | None,
@@ -229,8 +231,9 @@ def submit_cmd(
              "or 8000).")] = None,
     token: Annotated[str | None, typer.Option(
         envvar="MEETMESH_TOKEN", show_envvar=True,
-        help="Bearer token (default: one minted for --user with MEETMESH_JWT_SECRET).")] = None,
-    user: Annotated[str, typer.Option(help="The user a minted development token names.")] = "cli",
+        help="Bearer token (default: one minted for --user NAME).")] = None,
+    user: Annotated[str | None, typer.Option(
+        help="Without a token: a registered user to mint one for (as `meetmesh token --user NAME`).")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print JSON lines: the answer, or with --wait every frame.")] = False,
 ) -> None:

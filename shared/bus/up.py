@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -37,6 +36,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from .errors import ConfigError
 
 SERVICES = ("user", "meeting", "media", "ai")
 DEFAULT_PORT_BASE = 8000
@@ -459,8 +460,33 @@ class Supervisor:
 # -- the command ----------------------------------------------------------------------------------
 
 
+def signing_mode(folder: Path, environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """The mode and secret of a local run: the environment the processes get and a line saying so.
+
+    ``MEETMESH_ENV`` defaults to ``dev`` here (a local run is development unless told otherwise).
+    Development mode without ``MEETMESH_JWT_SECRET`` (or ``_FILE``): the processes sign with the data
+    folder's development secret, ``<folder>/dev-secret`` (mode 0600), made on the first run and kept,
+    so tokens stay valid across restarts and ``meetmesh token``/``submit`` in another shell find it.
+    Any other mode needs the secret configured (`ConfigError` otherwise)."""
+    from .credentials import DEV, ENV_VARIABLE, dev_secret, dev_secret_path, secret_from_env
+
+    env = os.environ if environ is None else environ
+    mode = env.get(ENV_VARIABLE) or DEV
+    if secret_from_env("MEETMESH_JWT_SECRET", env) is not None:
+        return {ENV_VARIABLE: mode}, f"{ENV_VARIABLE}={mode}; tokens are signed with MEETMESH_JWT_SECRET"
+    if mode != DEV:
+        raise ConfigError(f"{ENV_VARIABLE}={mode} needs MEETMESH_JWT_SECRET (or MEETMESH_JWT_SECRET_FILE): "
+                          f"set one, or run in development mode ({ENV_VARIABLE}={DEV}, the default of `up`)")
+    path = dev_secret_path(folder)
+    kept = path.exists()
+    dev_secret(folder)
+    return {ENV_VARIABLE: DEV}, (f"{ENV_VARIABLE}={DEV} (development mode, for this local run): tokens are "
+                                 f"signed with the development secret {'kept' if kept else 'made'} in "
+                                 f"{path}; never deploy with it")
+
+
 def _summary(layout: Layout, procs: Sequence[Proc], *, redis_url: str, data_dir: Path, key_prefix: str,
-             secret: str | None) -> list[Any]:
+             secret: str | None = None) -> list[Any]:
     """One screen: where everything is, and how to get a token (renderables for `Console.print`)."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
@@ -472,20 +498,20 @@ def _summary(layout: Layout, procs: Sequence[Proc], *, redis_url: str, data_dir:
         table.add_row("redis", redis_url, "")
     table.add_row("data", str(data_dir), f"key prefix {key_prefix}")
     gw = layout.gateway_url
-    env = f"MEETMESH_JWT_SECRET={secret} " if secret else ""
+    # `meetmesh token`/`submit` find the development secret and the store in the data folder
+    env = "" if data_dir == Path(".meetmesh").resolve() else f"MEETMESH_DATA_DIR={data_dir} "
     register = ('{"username": "alice", "password": "correct horse battery"}')
     hints = [
         Text.assemble(("token   ", "bold"), f"curl -s {gw}/api/v1/auth/register "
                       f"-H 'content-type: application/json' -d '{register}'"),
-        Text.assemble(("  or    ", "bold"), f"{env}meetmesh token --user alice   (a development token)"),
-        Text.assemble(("submit  ", "bold"), f"{env}meetmesh submit ai.summarize "
+        Text.assemble(("  or    ", "bold"), f"{env}meetmesh token --user alice   (a registered user)"),
+        Text.assemble(("submit  ", "bold"), f"{env}meetmesh submit ai.summarize --user alice "
                       f"--data '{{\"text\": \"...\"}}' --wait --gateway {gw}"),
         Text.assemble(("stop    ", "bold"),
                       "Ctrl-C (or SIGTERM to this process) stops every process gracefully"),
     ]
     if secret:
-        hints.append(Text("MEETMESH_JWT_SECRET is not set: this run signs tokens with the random secret "
-                          "above", style="yellow"))
+        hints.append(Text(secret, style="yellow"))
     return [Panel(table, title="MeetMesh is up", expand=False), *hints]
 
 
@@ -516,8 +542,11 @@ def up_cmd(
 
     The gateway, the user, meeting, media and ai services and a reference edge node per ai replica,
     output prefixed by name. Uses Redis at MEETMESH_REDIS_URL, or starts a private redis-server when
-    nothing answers there. Without MEETMESH_JWT_SECRET a random secret signs this run's tokens
-    (printed). Ctrl-C or SIGTERM stops everything gracefully; if any process dies, everything stops
+    nothing answers there.
+    Sets MEETMESH_ENV=dev (development mode) unless MEETMESH_ENV says otherwise; without
+    MEETMESH_JWT_SECRET, tokens are then signed with the development secret kept in DATA_DIR/dev-secret
+    (made once), which `meetmesh token` and `meetmesh submit` find there too.
+    Ctrl-C or SIGTERM stops everything gracefully; if any process dies, everything stops
     (exit code 1)."""
     from .cli import run
     from .settings import BusSettings
@@ -530,7 +559,11 @@ def up_cmd(
                   stackflow=stackflow)
     folder = (data_dir or Path(os.environ.get("MEETMESH_DATA_DIR") or ".meetmesh")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    generated = None if os.environ.get("MEETMESH_JWT_SECRET") else secrets.token_urlsafe(32)
+    try:
+        mode_env, mode_note = signing_mode(folder)
+    except ConfigError as exc:
+        sys.exit(f"meetmesh up: {exc}")
+    console.print(f"meetmesh up: {mode_note}", highlight=False, soft_wrap=True)
 
     async def main() -> int:
         procs = list(layout.procs)
@@ -548,13 +581,12 @@ def up_cmd(
             redis_url = str(private.url)
             procs.insert(0, private)
         env = {**os.environ, **layout.env, "MEETMESH_REDIS_URL": redis_url, "MEETMESH_DATA_DIR": str(folder)}
-        if generated:
-            env["MEETMESH_JWT_SECRET"] = generated
+        env.update(mode_env)
         supervisor = Supervisor(procs, env=env, console=console, grace=grace)
 
         def ready() -> None:
             for part in _summary(layout, procs, redis_url=redis_url, data_dir=folder,
-                                 key_prefix=settings.key_prefix, secret=generated):
+                                 key_prefix=settings.key_prefix, secret=mode_note):
                 console.print(part, soft_wrap=not isinstance(part, Panel))
             console.print(f"{READY_LINE} ({len(procs)} processes)", highlight=False)
 

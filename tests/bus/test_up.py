@@ -318,9 +318,8 @@ async def test_up_starts_the_gateway_and_sigterm_stops_it_gracefully(up_env: dic
             assert raw, "\n".join(seen)
             seen.append(raw.decode().rstrip())
         text = "\n".join(seen)
-        assert f"http://127.0.0.1:{port}" in text and "MEETMESH_JWT_SECRET is not set" in text
-        hint = next(line for line in seen if "meetmesh token --user alice" in line)
-        secret = hint.split("MEETMESH_JWT_SECRET=", 1)[1].split()[0]
+        assert f"http://127.0.0.1:{port}" in text and "MEETMESH_ENV=dev (development mode" in text
+        secret = (tmp_path / "dev-secret").read_text().strip()   # kept in the data folder
         async with httpx.AsyncClient() as http:   # the printed secret signs tokens the gateway takes
             answer = await http.get(f"http://127.0.0.1:{port}/api/v1/tasks/ai.nope",
                                     headers={"Authorization": f"Bearer {mint(secret, 'alice')}"})
@@ -389,7 +388,8 @@ async def mesh(redis_url: str, key_prefix: str, redis: Any) -> AsyncIterator[dic
     try:
         async with serve(settings) as url:
             env = {k: v for k, v in os.environ.items() if not k.startswith("MEETMESH_")}
-            yield {**env, "MEETMESH_GATEWAY_URL": url, "MEETMESH_JWT_SECRET": SECRET, "COLUMNS": "120"}
+            yield {**env, "MEETMESH_GATEWAY_URL": url, "MEETMESH_JWT_SECRET": SECRET, "COLUMNS": "120",
+                   "MEETMESH_TOKEN": mint(SECRET, "cli")}
     finally:
         for w in workers:
             w.stop()
@@ -439,7 +439,7 @@ async def test_submit_refusals_are_one_line_and_exit_1(mesh: dict[str, str]) -> 
     assert code == 1 and "unknown_task" in err
     code, _, err = await meetmesh_submit("ai.chat", "--wait", "--token", "not-a-jwt", env=mesh)
     assert code == 1 and "unauthorized" in err
-    no_secret = {k: v for k, v in mesh.items() if k != "MEETMESH_JWT_SECRET"}
+    no_secret = {k: v for k, v in mesh.items() if k not in ("MEETMESH_JWT_SECRET", "MEETMESH_TOKEN")}
     code, _, err = await meetmesh_submit("ai.chat", env=no_secret)
     assert code != 0 and "no token" in err
     code, _, err = await meetmesh_submit("ai.chat", "--data", "{oops", env=mesh)

@@ -92,7 +92,6 @@ def make_settings(
             "database_schema": store.schema,
             "data_dir": tmp_path,
             "jwt_secret": SECRET,
-            "admin_usernames": "root",
             **CHEAP_ARGON2,
             "worker_concurrency": 8,
             "grace_seconds": 5.0,

@@ -13,6 +13,7 @@ import pytest
 from gateway.auth import verify
 from services.common import ServiceSettings, gateway_key
 from services.common.identity import KEY_HEADER, USER_HEADER
+from services.user.admin import UserStore
 from services.user.service import build as build_user
 from shared.bus import Queue, TaskStatus
 from shared.bus.dispatcher import Dispatcher
@@ -104,9 +105,15 @@ async def test_bad_input_answers_clear_json_errors(mesh: Mesh) -> None:
 
 
 async def test_admin_role_path(mesh: Mesh) -> None:
-    """``MEETMESH_ADMIN_USERNAMES`` (here: root) registers as admin; admins list users and grant roles,
-    effective from the next token."""
+    """Registering grants no admin role; an operator's ``meetmesh user grant-admin`` (`UserStore`) does;
+    admins list users and grant roles, effective from the next token."""
     root = await mesh.register("root")
+    assert root["user"]["roles"] == ["user"] and not verify(SECRET, root["access_token"]).is_admin
+    async with UserStore.open(mesh.settings) as store:
+        assert (await store.set_admin("root", True)).changed
+    r = await mesh.http.post(f"{API}/auth/login",
+                             json={"username": "root", "password": "correct horse battery"})
+    root = r.json()
     assert root["user"]["roles"] == ["user", "admin"] and verify(SECRET, root["access_token"]).is_admin
     alice = await mesh.register("alice")
     for path in ("/users", f"/users/{root['user']['id']}"):
