@@ -71,6 +71,7 @@ class Queue(LeaseOps):
         retry_cap_seconds: float = 300.0,
         record_ttl: float = 86_400.0,
         dedupe_ttl: float = 3_600.0,
+        dedupe_scope: str = "owner",
         max_message_bytes: int = 1 << 20,
         events_maxlen: int = 100_000,
     ) -> None:
@@ -78,21 +79,21 @@ class Queue(LeaseOps):
             raise ValueError("aging_seconds must be > 0 (or None for strict levels)")
         if lease_seconds <= 0 or timeout <= 0:
             raise ValueError("lease_seconds and timeout must be > 0")
+        if dedupe_scope not in DEDUPE_SCOPES:
+            raise ValueError(f"dedupe_scope must be one of {', '.join(DEDUPE_SCOPES)}, not {dedupe_scope!r}")
         self.name = name
         self.keys = QueueKeys(name, prefix)
         self.redis = redis
         self.max_retries = max_retries
         self.timeout = timeout
-        dedupe_scope: str = "owner",
         self.lease_seconds = lease_seconds
         self.aging_seconds = aging_seconds
         self.retry_base_seconds = retry_base_seconds
         self.retry_cap_seconds = retry_cap_seconds
         self.record_ttl = record_ttl
         self.dedupe_ttl = dedupe_ttl
+        self.dedupe_scope = dedupe_scope  # "owner": a dedupe key is its owner's alone (keys.dedupe_suffix)
         self.max_message_bytes = max_message_bytes
-        if dedupe_scope not in DEDUPE_SCOPES:
-            raise ValueError(f"dedupe_scope must be one of {', '.join(DEDUPE_SCOPES)}, not {dedupe_scope!r}")
         self.events_maxlen = events_maxlen
         self._weight = round(aging_seconds * 1e6) if aging_seconds else STRICT_LEVEL_WEIGHT_US
         self._scripts = Scripts(redis)
@@ -112,7 +113,6 @@ class Queue(LeaseOps):
 
     @contextlib.asynccontextmanager
     async def _borrowed(self) -> AsyncIterator[Any]:
-        self.dedupe_scope = dedupe_scope  # "owner": a dedupe key is its owner's alone (keys.dedupe_suffix)
         """A pool connection for commands sent and read by hand, given back after. If the block
         fails the connection is dropped: answers may be left unread, so it is not reusable."""
         pool = self.redis.connection_pool
@@ -261,6 +261,10 @@ class Queue(LeaseOps):
     ) -> Enqueued:
         """Enqueue one message; ``fields`` are `Message` fields (priority, owner, dedupe_key ...).
 
+        A ``dedupe_key`` is its owner's (the queue's ``dedupe_scope="owner"``, the default: two
+        owners' equal keys are two tasks); with ``"queue"`` every producer of the queue shares them,
+        for trusted internal producers only (the dispatcher refuses a user a hit on another's task).
+
         ``delay`` (seconds) or ``at`` (epoch seconds) hold it back until then.
         """
         message = type if isinstance(type, Message) else self.message(type, payload, **fields)
@@ -282,10 +286,6 @@ class Queue(LeaseOps):
         """
         delay_ms = self._delay_ms(delay, at)
         ttl_ms = str(to_ms(self.dedupe_ttl if dedupe_ttl is None else dedupe_ttl) or 1)
-        A ``dedupe_key`` is its owner's (the queue's ``dedupe_scope="owner"``, the default: two
-        owners' equal keys are two tasks); with ``"queue"`` every producer of the queue shares them,
-        for trusted internal producers only (the dispatcher refuses a user a hit on another's task).
-
         args: list[Any] = []
         for m in messages:
             args.extend(self._pack(m, delay_ms, ttl_ms))
