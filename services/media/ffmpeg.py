@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -51,12 +52,25 @@ class Progress:
     updated_at: float | None
 
 
-def last_line(text: str | bytes) -> str:
-    """The last non-empty line of ffmpeg's stderr, trimmed (its error, in practice)."""
+# An absolute path of two components or more (what ffmpeg puts before its errors), not "1/2" or "a/b"
+_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s'\"/:,]+/)+([^\s'\"/:,]*)")
+
+
+def without_paths(text: str, named: dict[str, str] | None = None) -> str:
+    """``text`` with each path in ``named`` (path -> what to call it) replaced by its name, and any
+    other absolute path by its last component: errors go to clients, and never carry server paths."""
+    for path, name in (named or {}).items():
+        text = text.replace(path, name)
+    return _PATH.sub(lambda m: m.group(1) or "a file", text)
+
+
+def last_line(text: str | bytes, named: dict[str, str] | None = None) -> str:
+    """The last non-empty line of ffmpeg's stderr, trimmed (its error, in practice), without paths
+    (`without_paths`)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "no error output")[:500]
+    return without_paths(lines[-1] if lines else "no error output", named)[:500]
 
 
 async def run(argv: list[str], timeout: float) -> tuple[int, bytes, bytes]:
@@ -67,8 +81,8 @@ async def run(argv: list[str], timeout: float) -> tuple[int, bytes, bytes]:
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
     except (FileNotFoundError, PermissionError) as exc:
-        raise Unavailable(f"cannot run {argv[0]!r} ({exc.strerror}): install Debian's ffmpeg package "
-                          "or set MEETMESH_FFMPEG / MEETMESH_FFPROBE") from exc
+        raise Unavailable(f"cannot run {Path(argv[0]).name!r} ({exc.strerror}): install Debian's ffmpeg "
+                          "package or set MEETMESH_FFMPEG / MEETMESH_FFPROBE") from exc
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -90,7 +104,7 @@ async def probe(ffprobe: str, path: Path, timeout: float) -> Probe:
         [ffprobe, "-v", "error", "-select_streams", "v:0", "-show_entries",
          "stream=width,height:format=duration", "-of", "json", str(path)], timeout)
     if status != 0:
-        raise FfmpegFailed(last_line(err))
+        raise FfmpegFailed(last_line(err, {str(path): "the video"}))
     try:
         info = json.loads(out or b"{}")
     except ValueError:
@@ -118,7 +132,7 @@ async def cover(ffmpeg: str, source: Path, target: Path, duration_s: float | Non
                  f"scale='min({COVER_WIDTH},iw)':-2", "-q:v", "3", "-f", "image2", "-update", "1",
                  "-c:v", "mjpeg", str(part)], timeout)
             if status != 0:
-                raise FfmpegFailed(last_line(err))
+                raise FfmpegFailed(last_line(err, {str(source): "the video", str(part): "the cover"}))
             if await asyncio.to_thread(_nonempty, part):
                 await asyncio.to_thread(os.replace, part, target)
                 return
@@ -153,8 +167,8 @@ async def spawn_transcode(argv: list[str], log: Path) -> asyncio.subprocess.Proc
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=handle,
             start_new_session=True)
     except (FileNotFoundError, PermissionError) as exc:
-        raise Unavailable(f"cannot run {argv[0]!r} ({exc.strerror}): install Debian's ffmpeg package "
-                          "or set MEETMESH_FFMPEG") from exc
+        raise Unavailable(f"cannot run {Path(argv[0]).name!r} ({exc.strerror}): install Debian's ffmpeg "
+                          "package or set MEETMESH_FFMPEG") from exc
     finally:
         handle.close()
 

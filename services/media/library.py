@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 
 from services.common import Actor, Forbidden, NotFound, Service
 from services.meeting.presence import Presence
-from shared.bus import BusError, Queue, new_id
+from shared.bus import InvalidMessage, Queue, new_id
 
 from . import ffmpeg
 from .ffmpeg import FfmpegFailed
@@ -35,6 +35,7 @@ from .store import Store, Unsupported
 
 log = logging.getLogger(__name__)
 COVER_FILE = "cover.jpg"
+COVER_QUEUE_DELAYS = (0.25, 0.5, 1.0, 2.0)  # seconds between tries to queue an upload's cover task
 
 
 def topic(meeting_id: str) -> str:
@@ -111,27 +112,46 @@ class Library:
             await self.store.remove_item(media_id)
             raise
         task_id = await self._queue_cover(item) if incoming.cover else None
-        if incoming.cover and task_id is None:
-            item.cover_status = NONE
         return Uploaded(media=self._out(item, []), cover_task_id=task_id)
 
     async def _queue_cover(self, item: MediaItem) -> str | None:
-        """Queue ``media.cover`` for a new item as its owner; None (and the item's cover_status back to
-        ``none``: submit ``media.cover`` later) if the queue cannot be reached."""
+        """Queue ``media.cover`` for a new item as its owner, trying again after each of
+        `COVER_QUEUE_DELAYS`; None if it could not, the item's cover then ``failed`` with the reason
+        (on the record and on ``item``): an upload never ends with a pending cover nobody makes."""
         queue = self.queue
+        failure: Exception | None = None
         try:
             message = queue.message("media.cover", {"media_id": item.id}, id=f"{queue.name}.{new_id()}",
                                     owner=item.owner_id, meeting_id=item.meeting_id)
-            await queue.enqueue(message)
-            return message.id
-        except BusError as exc:
-            log.error("media %s stored, but its cover task could not be queued: %s", item.id, exc)
+            for delay in (*COVER_QUEUE_DELAYS, None):
+                try:
+                    await queue.enqueue(message)
+                    return message.id
+                except InvalidMessage:
+                    raise
+                except Exception as exc:  # Redis unreachable (BusConnectionError), or its driver's error
+                    failure = exc
+                    if delay is None:
+                        break
+                    await asyncio.sleep(delay)
+        except BaseException as exc:  # cancelled, or refused outright: still say so on the record
+            reason = ("the upload was interrupted before its cover task was queued: submit media.cover"
+                      if not isinstance(exc, Exception) else f"its cover task was refused: {exc}")
+            await asyncio.shield(self._cover_not_queued(item, reason))
+            raise
+        log.error("media %s stored, but its cover task could not be queued after %d tries: %s", item.id,
+                  len(COVER_QUEUE_DELAYS) + 1, failure)
+        await self._cover_not_queued(item, "its cover task could not be queued (the task queue is "
+                                     "unreachable): submit media.cover to make it")
+        return None
+
+    async def _cover_not_queued(self, item: MediaItem, reason: str) -> None:
+        item.cover_status, item.cover_error = FAILED, reason
         async with self.service.database.session() as session:
             await session.execute(update(MediaItem).where(MediaItem.id == item.id,
                                                           MediaItem.cover_status == PENDING)
-                                  .values(cover_status=NONE))
+                                  .values(cover_status=FAILED, cover_error=reason))
             await session.commit()
-        return None
 
     # -- reading ----------------------------------------------------------------------------------
 

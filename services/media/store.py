@@ -148,7 +148,8 @@ class _Form:
         }
 
     def part_begin(self) -> None:
-        self.headers, self.part, self.filename = {}, None, None
+        # not `filename`: it is the file part's, and a field may follow that part
+        self.headers, self.part = {}, None
         self.value = bytearray()
 
     def header_field(self, data: bytes, start: int, end: int) -> None:
