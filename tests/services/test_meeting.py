@@ -304,3 +304,34 @@ async def test_concurrent_joins_all_land(mesh: Mesh) -> None:
     assert await Presence(mesh.meeting.redis, mesh.settings.key_prefix).members(mid) == {
         uid for uid, _ in people
     }
+
+
+async def test_a_non_member_cannot_tell_a_meeting_from_a_missing_one(mesh: Mesh) -> None:
+    """To someone never in it (or removed from it), an existing meeting, active or ended, answers every
+    request exactly as a missing one does: meeting ids cannot be probed."""
+    (alice, a), (_, b), (carol, c) = await users(mesh, "alice", "bob", "carol")
+    active = (await mesh.http.post(API, headers=a, json={"title": "private"})).json()["id"]
+    ended = (await mesh.http.post(API, headers=a)).json()["id"]
+    assert (await mesh.http.post(f"{API}/{ended}/end", headers=a)).status_code == 200
+    assert (await mesh.http.post(f"{API}/{active}/join", headers=c)).status_code == 200
+    r = await mesh.http.post(f"{API}/{active}/kick", headers=a, json={"user_id": carol})
+    assert r.status_code == 200   # carol was removed: she sees it as bob does, below
+    requests: list[tuple[str, str, Any]] = [
+        ("GET", "", None), ("GET", "/chat", None), ("POST", "/chat", {"text": "hi"}),
+        ("POST", "/leave", None), ("POST", "/end", None), ("POST", "/mute", None),
+        ("POST", "/unmute", {"user_id": alice}), ("POST", "/kick", {"user_id": alice}),
+    ]
+    for headers in (b, c):
+        for method, path, body in requests:
+            answers = []
+            for target in (active, ended, "no-such-meeting"):
+                r = await mesh.http.request(method, f"{API}/{target}{path}", headers=headers, json=body)
+                error = r.json()["error"]
+                answers.append((r.status_code, error["code"], error["message"].replace(target, "<id>")))
+            assert answers[0] == answers[1] == answers[2] == (404, "not_found", "no meeting '<id>'"), \
+                (method, path, answers)
+    r = await mesh.http.post(f"{API}/{ended}/join", headers=b)   # past its end: not an invitation
+    assert (r.status_code, r.json()["error"]["message"]) == (404, f"no meeting {ended!r}")
+    assert (await mesh.http.post(f"{API}/{active}/join", headers=b)).status_code == 200   # the id invites
+    r = await mesh.http.get(f"{API}/{ended}", headers=a)   # the host still reads both
+    assert r.status_code == 200 and r.json()["status"] == "ended"
