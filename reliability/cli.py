@@ -72,3 +72,29 @@ def workers(
                            kill_every=_pair(kill_every, float), lease=lease, deadline=deadline, seed=seed)
     summary = _run(run_workers(config, progress=_progress(as_json)))
     show("chaos workers", summary.as_dict(), as_json)
+
+
+@app.command()
+def redis(
+    mode: Annotated[list[str] | None,
+                    typer.Option(help="graceful and/or kill (default: both, in turn).")] = None,
+    producers: Annotated[int, typer.Option(min=1, help="Producer clients.")] = 2,
+    rate: Annotated[float, typer.Option(help="Enqueues per second per producer.")] = 200.0,
+    count: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 2,
+    down: Annotated[float, typer.Option(help="Seconds Redis stays away each time.")] = 3.0,
+    warm: Annotated[float, typer.Option(help="Seconds of load before each stop.")] = 3.0,
+    gateway: Annotated[bool, typer.Option(help="Run a gateway and watch its /ready.")] = True,
+    seed: Seed = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Restart a private Redis (AOF everysec) under load, gracefully and with SIGKILL: reports what was
+    acknowledged against what survived, and how long producers, workers and a gateway took to recover."""
+    from .redis_restart import RedisConfig, describe, run_redis
+
+    config = RedisConfig(modes=tuple(mode or ("graceful", "kill")), producers=producers, rate=rate,
+                         workers=count, down=down, warm=warm, gateway=gateway, seed=seed)
+    for m in config.modes:
+        if m not in ("graceful", "kill"):
+            raise typer.BadParameter(f"--mode {m!r}: use graceful or kill")
+    summary = _run(run_redis(config, progress=_progress(as_json)))
+    show("chaos redis", summary.as_dict() if as_json else describe(summary), as_json)

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 START_TIMEOUT = 20.0
 
@@ -107,7 +108,7 @@ class PrivateServer:
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    async def __aenter__(self) -> PrivateServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

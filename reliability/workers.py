@@ -114,7 +114,6 @@ async def run_workers(config: WorkersConfig, *, progress: Any = None) -> Workers
     say = progress or (lambda text: None)
     logs = Path(tempfile.mkdtemp(prefix="meetmesh-chaos-workers-"))
     async with PrivateRedis() as server:
-        assert isinstance(server, PrivateRedis)
         redis = await connect(server.url)
         queue = Queue(QUEUE, redis, prefix=PREFIX, lease_seconds=config.lease, max_retries=config.max_retries)
         env = children.child_env(server.url, PREFIX)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 try:
     import hiredis
@@ -18,12 +22,23 @@ try:
 except ImportError:  # pragma: no cover - hiredis is a dependency; this keeps a bare redis-py working
     HIREDIS_PACK = False
 
+from .backoff import backoff
 from .errors import BusConnectionError, ConfigError
 
 MIN_REDIS = (7, 0)
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# Once a client has reached Redis, a command that meets a dropped connection, a refused connect or
+# a Redis still loading its AOF is tried again, with jittered exponential backoff, for this long in
+# all; then it raises (as `BusConnectionError`, which the gateway answers as 503 "unavailable").
+# A restart of Redis shorter than this is a pause. A client that never reached Redis (a wrong URL)
+# fails at once.
+RETRY_SECONDS = 5.0
+RETRY_BASE, RETRY_CAP = 0.05, 1.0  # seconds: the first wait, and the longest
+HEALTH_CHECK_SECONDS = 10.0  # a pooled connection idle this long is PINGed before use
+CONNECT_TIMEOUT = 5.0
 P = ParamSpec("P")
 T = TypeVar("T")
+_budget: contextvars.ContextVar[float | None] = contextvars.ContextVar("redis_retry_budget", default=None)
 
 
 @contextlib.contextmanager
@@ -33,6 +48,57 @@ def unreachable_as_bus_error(what: str) -> Iterator[None]:
         yield
     except UNREACHABLE as exc:
         raise BusConnectionError(f"Redis unreachable during {what}: {exc}") from exc
+
+
+class BoundedRetry(Retry):
+    """redis-py's retry of connection failures, bounded by time rather than by count: the same
+    budget holds however redis-py nests its retries (a command's retry wraps its connect's).
+    Waits grow from ``base`` to ``cap`` with jitter (`backoff`), so clients that lost Redis
+    together do not all come back in the same instant. Until one call of the client has
+    succeeded nothing is retried: a Redis never reached is a configuration error, said at once.
+
+    redis-py deep-copies the retry into every connection of a pool; the copies share ``reached``.
+    """
+
+    def __init__(self, seconds: float = RETRY_SECONDS, base: float = RETRY_BASE,
+                 cap: float = RETRY_CAP, reached: list[bool] | None = None) -> None:
+        super().__init__(NoBackoff(), -1, (redis_errors.ConnectionError, redis_errors.TimeoutError))
+        self.seconds = seconds
+        self.base = base
+        self.cap = cap
+        self.reached = [False] if reached is None else reached
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BoundedRetry:
+        return BoundedRetry(self.seconds, self.base, self.cap, self.reached)
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[[Any], Any]) -> T:
+        budget = _budget.get()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.seconds if budget is None else budget)
+        failures = 0
+        while True:
+            try:
+                answer = await do()
+            except self._supported_errors as error:
+                failures += 1
+                await fail(error)
+                delay = backoff(failures, self.base, self.cap)
+                if not self.reached[0] or loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+            else:
+                self.reached[0] = True
+                return answer
+
+
+@contextlib.contextmanager
+def retry_budget(seconds: float) -> Iterator[None]:
+    """Inside the block (this task), Redis commands retry for ``seconds`` in all (0: fail at once)."""
+    token = _budget.set(seconds)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
 
 
 def translates_unreachable(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -76,8 +142,17 @@ class TrustingConnectionPool(ConnectionPool):
         await connection.connect()  # type: ignore[no-untyped-call]
 
 
-def client(url: str, **options: Any) -> Redis:
-    """A redis-py asyncio client for ``url`` (not yet connected), answers decoded as text."""
+def client(url: str, *, retry_seconds: float = RETRY_SECONDS, **options: Any) -> Redis:
+    """A redis-py asyncio client for ``url`` (not yet connected), answers decoded as text.
+
+    Connection failures are retried for ``retry_seconds`` (`BoundedRetry`); idle pooled
+    connections are checked before use and kept alive by TCP keepalive, so a restarted Redis is
+    found again by the next command rather than by its failure. ``options`` go to redis-py.
+    """
+    options.setdefault("retry", BoundedRetry(retry_seconds))
+    options.setdefault("health_check_interval", HEALTH_CHECK_SECONDS)
+    options.setdefault("socket_keepalive", True)
+    options.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
     if url.startswith("redis://"):
         if HIREDIS_PACK:
             options.setdefault("connection_class", HiredisPackingConnection)
@@ -93,10 +168,15 @@ def client(url: str, **options: Any) -> Redis:
 
 
 async def connect(url: str, **options: Any) -> Redis:
-    """A connected client for ``url``; raises `BusConnectionError` or `ConfigError` (Redis < 7)."""
+    """A connected client for ``url``; raises `BusConnectionError` or `ConfigError` (Redis < 7).
+
+    The check is made once, without retries: a wrong URL is a start-up error at once. Commands
+    made afterwards retry through a restart of Redis (see `client`).
+    """
     redis = client(url, **options)
     try:
-        info = await redis.info("server")
+        with retry_budget(0.0):
+            info = await redis.info("server")
     except UNREACHABLE as exc:
         await redis.aclose()
         raise BusConnectionError(f"cannot reach Redis at {url}: {exc}") from exc
