@@ -80,6 +80,7 @@ class _Socket:
 
     def __init__(self, ws: ClientConnection, session_id: str) -> None:
         self.ws, self.session_id = ws, session_id
+        self.unanswered = 0  # frames of the current batch not answered yet (a close ends them)
 
 
 def _nested(depth: int, rng: random.Random) -> str:
@@ -189,6 +190,7 @@ def _close_code(exc: ConnectionClosed) -> int:
 
 async def _batch(sock: _Socket, frames: list[tuple[str, Frame]], probe: str, report: FuzzReport) -> None:
     """Send ``frames`` and a probe ping; count the answers up to its pong. Raises ConnectionClosed."""
+    sock.unanswered = len(frames)
     for _, frame in frames:
         await sock.ws.send(frame)
     await sock.ws.send(json.dumps({"type": "ping", "id": probe}))
@@ -208,12 +210,14 @@ async def _batch(sock: _Socket, frames: list[tuple[str, Frame]], probe: str, rep
             break
         if kind == "error":
             answered += 1
+            sock.unanswered -= 1
             report.error_frames += 1
             report.error_codes[str(frame.get("code"))] += 1
             if not isinstance(frame.get("message"), str) or not isinstance(frame.get("code"), str):
                 report.failures.append(f"an error frame without code and message: {raw[:200]!r}")
         elif kind in ANSWERS:
             answered += 1
+            sock.unanswered -= 1
             report.answers += 1
     if answered != len(frames):
         report.failures.append(f"a batch of {len(frames)} frames got {answered} answers "
@@ -266,7 +270,7 @@ async def _fuzzer(url: str, token: str, budget: int, rng: random.Random, report:
             except ConnectionClosed as exc:
                 code = _close_code(exc)
                 report.closes[code] += 1
-                report.closed_frames += len(frames)  # the batch ended in this close
+                report.closed_frames += max(sock.unanswered, 0)  # the rest of the batch ended in this close
                 if code not in documented:
                     report.failures.append(f"socket closed with {code} after a batch of "
                                            f"{sorted({k for k, _ in frames})}")
