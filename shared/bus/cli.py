@@ -59,7 +59,7 @@ def open_queue(name: str, **options: Any) -> Callable[[Callable[[Queue], Awaitab
             from .embedded import ensure_redis
 
             settings = BusSettings.load()
-            _, redis = await ensure_redis(settings.redis_url)
+            _, redis = await ensure_redis(settings.redis_url, configured=settings.redis_url_configured)
             try:
                 return await fn(Queue(name, redis, prefix=settings.key_prefix, **options))
             finally:
@@ -68,6 +68,14 @@ def open_queue(name: str, **options: Any) -> Callable[[Callable[[Queue], Awaitab
         return run(main)
 
     return call
+
+
+async def check_redis(url: str) -> None:
+    """Raise `BusConnectionError` naming ``url`` (password hidden) unless a Redis answers there."""
+    from .connection import connect
+
+    redis = await connect(url)
+    await redis.aclose()
 
 
 def load_app(spec: str) -> Mapping[str, Any]:
@@ -245,7 +253,8 @@ def _bench_queue(jobs: int, concurrency: int, rate: float, latency_jobs: int, as
     from .embedded import ensure_redis
 
     async def main() -> dict[str, Any]:
-        url, redis = await ensure_redis(BusSettings.load().redis_url)
+        settings = BusSettings.load()
+        url, redis = await ensure_redis(settings.redis_url, configured=settings.redis_url_configured)
         await redis.aclose()
         return await bench_queue(url, jobs=jobs, concurrency=concurrency, rate=rate,
                                  latency_jobs=latency_jobs)
@@ -301,6 +310,7 @@ def gateway_cmd(
     except BusError as exc:   # a missing or weak MEETMESH_JWT_SECRET, a bad value: one line, exit 1
         sys.exit(f"meetmesh gateway: {exc}")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(lambda: check_redis(settings.redis_url))  # a clear one-line exit, not uvicorn's startup traceback
     # A socket silent for idle_timeout is dropped: pinged every ping_interval, it has the rest to reply.
     pong_timeout = max(settings.idle_timeout - settings.ping_interval, 1.0)
     uvicorn.run(

@@ -35,7 +35,7 @@ def open_scheduler(fn: Callable[[Scheduler], Awaitable[T]], **options: Any) -> T
 
     async def main() -> T:
         settings = BusSettings.load()
-        _, redis = await ensure_redis(settings.redis_url)
+        _, redis = await ensure_redis(settings.redis_url, configured=settings.redis_url_configured)
         try:
             return await fn(Scheduler(redis, prefix=settings.key_prefix, **options))
         finally:

@@ -8,6 +8,7 @@ import contextvars
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -142,6 +143,16 @@ class TrustingConnectionPool(ConnectionPool):
         await connection.connect()  # type: ignore[no-untyped-call]
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
 def client(url: str, *, retry_seconds: float = RETRY_SECONDS, **options: Any) -> Redis:
     """A redis-py asyncio client for ``url`` (not yet connected), answers decoded as text.
 
@@ -164,7 +175,7 @@ def client(url: str, *, retry_seconds: float = RETRY_SECONDS, **options: Any) ->
         redis: Redis = Redis.from_pool(pool)
         return redis
     except ValueError as exc:
-        raise ConfigError(f"invalid Redis URL {url!r}: {exc}") from exc
+        raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}") from exc
 
 
 async def connect(url: str, **options: Any) -> Redis:
@@ -179,9 +190,10 @@ async def connect(url: str, **options: Any) -> Redis:
             info = await redis.info("server")
     except UNREACHABLE as exc:
         await redis.aclose()
-        raise BusConnectionError(f"cannot reach Redis at {url}: {exc}") from exc
+        raise BusConnectionError(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
     version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
     if version < MIN_REDIS:
         await redis.aclose()
-        raise ConfigError(f"Redis at {url} is {info.get('redis_version')}; MeetMesh needs Redis 7 or newer")
+        raise ConfigError(f"Redis at {redact_url(url)} is {info.get('redis_version')}; "
+                          "MeetMesh needs Redis 7 or newer")
     return redis

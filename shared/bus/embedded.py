@@ -1,4 +1,9 @@
-"""Finding Redis for the CLI: the configured one, or a private redis-server when nothing answers."""
+"""Finding Redis for the CLI: the configured one, or a private redis-server when none was configured.
+
+A configured URL (``MEETMESH_REDIS_URL`` or a settings file) is used or refused, never replaced: when
+nothing answers there the command fails, naming the URL. Only when no URL was configured at all is the
+default local address tried, and then a private ``redis-server`` started when nothing answers there.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
-from .connection import connect
+from .connection import connect, redact_url
 from .errors import BusConnectionError
 
 
@@ -22,26 +27,33 @@ def _free_port() -> int:
         return port
 
 
-async def ensure_redis(url: str, *, quiet: bool = False) -> tuple[str, Any]:
-    """Connect to ``url``; if nothing answers and ``redis-server`` is on PATH, start a private one.
+async def ensure_redis(url: str, *, configured: bool, quiet: bool = False) -> tuple[str, Any]:
+    """Connect to ``url``; returns (url in use, connected client).
 
-    Returns (url in use, connected client). Exits with a one-line error naming MEETMESH_REDIS_URL
-    when neither works.
+    ``configured`` says whether the URL was set explicitly (`BusSettings.redis_url_configured`): then
+    a Redis that does not answer raises `BusConnectionError` naming the URL (password hidden). When it
+    was not, and nothing answers at the default ``url``, a private ``redis-server`` on a free port is
+    started (gone when this process exits), and one line on stderr says so.
     """
     try:
         return url, await connect(url)
-    except BusConnectionError:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            sys.exit(f"meetmesh: no Redis answers at MEETMESH_REDIS_URL={url}, and redis-server is not "
-                     "on PATH to start a private one")
+    except BusConnectionError as exc:
+        if configured:
+            raise BusConnectionError(
+                f"no Redis answers at MEETMESH_REDIS_URL={redact_url(url)} ({exc.__cause__ or exc}); "
+                "fix the URL or start that Redis (a private Redis is only started when no URL is "
+                "configured)") from exc
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BusConnectionError(f"MEETMESH_REDIS_URL is not set, nothing answers at the default {url}, "
+                                 "and redis-server is not on PATH to start a private one")
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="meetmesh-redis-")
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; start-up is awaited below
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", workdir],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    atexit.register(_stop, proc)
+    atexit.register(_stop, proc, workdir)
     private = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         try:
@@ -50,17 +62,20 @@ async def ensure_redis(url: str, *, quiet: bool = False) -> tuple[str, Any]:
             await asyncio.sleep(0.05)
             continue
         if not quiet:
-            print(f"meetmesh: nothing answers at MEETMESH_REDIS_URL={url}; started a private redis-server "
-                  f"at {private} (gone when this process exits)", file=sys.stderr)
+            print(f"meetmesh: MEETMESH_REDIS_URL is not set and nothing answers at {url}; started a "
+                  f"private redis-server at {private} (its data is gone when this process exits)",
+                  file=sys.stderr)
         return private, client
-    _stop(proc)
-    sys.exit(f"meetmesh: could not start a private redis-server (MEETMESH_REDIS_URL={url} is unreachable)")
+    _stop(proc, workdir)
+    raise BusConnectionError(f"could not start a private redis-server ({binary} --port {port})")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], workdir: str | None = None) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -21,6 +21,14 @@ class BusSettings(BaseSettings):
     log_level: str = "INFO"
 
     @property
+    def redis_url_configured(self) -> bool:
+        """Whether ``redis_url`` was set (environment, settings file or argument) rather than defaulted.
+
+        Only an unconfigured URL may be replaced by a private Redis (`embedded.ensure_redis`).
+        """
+        return "redis_url" in self.model_fields_set
+
+    @property
     def events(self) -> str:
         """Where events travel: ``MEETMESH_EVENTS_URL``, or the Redis URL when it is not set."""
         return self.events_url or self.redis_url
