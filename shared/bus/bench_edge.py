@@ -45,8 +45,11 @@ _LOGS: dict[int, IO[bytes]] = {}  # a child's stderr, by pid: read when it fails
 
 def _child(*args: str) -> subprocess.Popen[bytes]:
     log = tempfile.TemporaryFile()
+    # plain ZeroMQ, as the raw side is: the bench measures the bridge, not CURVE's encryption
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEETMESH_EDGE_")}
+    env["MEETMESH_ENV"] = "dev"
     proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=log,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     _LOGS[proc.pid] = log
     return proc
 
@@ -153,7 +156,7 @@ async def _echo_peer(endpoint: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _bridge_with_node(*node_args: str, model: str, timeout: float) -> AsyncIterator[EdgeBridge]:
-    async with EdgeBridge("tcp://127.0.0.1:*", request_timeout=600) as bridge:
+    async with EdgeBridge("tcp://127.0.0.1:*", request_timeout=600, curve="off") as bridge:
         proc = _child("shared.bus.edge_cli", "edge-node", "--connect", bridge.endpoint, "--stackflow-port",
                       "0", "--name", "bench-node", *node_args)
         try:

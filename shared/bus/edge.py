@@ -19,7 +19,10 @@ from typing import Any, Protocol
 
 import zmq
 from pydantic import BaseModel, Field, ValidationError
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
+from .edge_keys import LOG_EVERY, BridgeKeys, CurveOption, bridge_keys, curve_server, start_authenticator
 from .errors import BusConnectionError, ConfigError
 from .stackflow import (
     BEAT,
@@ -174,15 +177,28 @@ class EdgeBridge:
     that node dies (or says it is full) before any token reached the caller, the request moves to
     another node; after that it fails with `EdgeStreamBroken`. Every node full: `EdgeBusy` (-21);
     none serving the model: `EdgeUnavailable`; over ``request_timeout`` seconds: `EdgeTimeout`.
+
+    ``curve``: "env" (the default) takes the CURVE keys from settings (`edge_keys`; outside
+    development mode, no keys is a `ConfigError` at `start`); `BridgeKeys` gives them; "off" runs
+    plain on purpose (tests, benchmarks). A node whose key is not allowed is refused and logged.
+    A node's message over ``max_frame`` bytes disconnects it.
     """
 
     def __init__(self, bind: str = "tcp://127.0.0.1:5555", *, heartbeat: float = 1.0, missed: int = 3,
-                 request_timeout: float = 120.0, max_units_per_node: int = 16) -> None:
-        if heartbeat <= 0 or missed < 1 or request_timeout <= 0 or max_units_per_node < 1:
-            raise ConfigError("heartbeat and request_timeout must be > 0, missed and max_units_per_node >= 1")
+                 request_timeout: float = 120.0, max_units_per_node: int = 16,
+                 max_frame: int = 4 << 20, curve: BridgeKeys | CurveOption = "env") -> None:
+        if heartbeat <= 0 or missed < 1 or request_timeout <= 0 or max_units_per_node < 1 or max_frame < 1024:
+            raise ConfigError("heartbeat and request_timeout must be > 0, missed and max_units_per_node "
+                              ">= 1, max_frame >= 1024")
+        self.max_frame = max_frame
         self.bind, self.heartbeat, self.missed = bind, heartbeat, missed
         self.request_timeout, self.max_units_per_node = request_timeout, max_units_per_node
         self.endpoint = bind
+        self.curve = curve
+        self.keys: BridgeKeys | None = None  # once started: the CURVE keys in use (None: plain)
+        self._auth: AsyncioAuthenticator | None = None
+        self._monitor: FrameSocket | None = None
+        self._refusal_logged = -LOG_EVERY
         self._stats = EdgeStats()
         self._nodes: dict[bytes, _Node] = {}
         self._calls: dict[str, _Call] = {}
@@ -197,23 +213,61 @@ class EdgeBridge:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> EdgeBridge:
-        """Bind and start serving nodes (`BusConnectionError` if the address is taken)."""
+        """Bind and start serving nodes: `ConfigError` without CURVE keys outside development mode
+        (see `edge_keys`), `BusConnectionError` if the address is taken."""
+        if self.curve == "env":
+            self.keys = bridge_keys()
+        elif self.curve == "off":
+            log.warning("edge bridge %s runs without CURVE (curve='off'): any process that connects "
+                        "is taken for a node", self.bind)
+        else:
+            self.keys = self.curve
         self._context = zmq.Context()
+        if self.keys is not None:  # the ZAP handler first: without one, libzmq lets every key in
+            self._auth = start_authenticator(self._context, self.keys)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)  # a node sending more is disconnected
+        if self.keys is not None:
+            curve_server(sock, self.keys)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            self._monitor = FrameSocket(monitor, self._handshake_failed)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
+            self._stop_security()
             self._context.term()
             raise BusConnectionError(f"edge bridge cannot bind {self.bind}: {exc}") from exc
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = FrameSocket(sock, self._receive)
         self._tasks = [asyncio.create_task(self._heartbeats())]
+        log.info("edge bridge at %s (%s)", self.endpoint, "CURVE, nodes' keys from "
+                 f"{self.keys.allowed_dir}" if self.keys else "plain: no CURVE")
         return self
+
+    def _handshake_failed(self, frames: list[bytes]) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged < LOG_EVERY:  # a refused peer retries many times a second
+            return
+        with contextlib.suppress(Exception):
+            event = parse_monitor_message(frames)
+            self._refusal_logged = now
+            log.warning("edge bridge refused a connection to %s: handshake failed (%s: not a CURVE "
+                        "client of this bridge?)", event["endpoint"].decode(errors="replace"),
+                        zmq.Event(event["event"]).name)
+
+    def _stop_security(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     async def close(self) -> None:
         """Drop every node (failing what is in flight) and close the socket."""
@@ -224,7 +278,10 @@ class EdgeBridge:
         for node in list(self._nodes.values()):
             self._lose(node, "bridge closed")
         if sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.sock.disable_monitor()
             sock.close()
+        self._stop_security()
         if self._context is not None:
             self._context.term()
         self._context = None

@@ -1,6 +1,6 @@
-"""``meetmesh edge-node`` and ``meetmesh bench edge``: run a reference edge LLM node; benchmark the
-bridge. `register` adds both to the ``meetmesh`` app; ``python -m shared.bus.edge_cli`` runs them
-on their own."""
+"""``meetmesh edge-node``, ``meetmesh edge keys`` and ``meetmesh bench edge``: run a reference edge
+LLM node; make the CURVE keys of a bridge and its nodes; benchmark the bridge. `register` adds them
+to the ``meetmesh`` app; ``python -m shared.bus.edge_cli`` runs them on their own."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import signal
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -30,7 +31,9 @@ def edge_node_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the ready line as JSON.")] = False,
 ) -> None:
     """Run an edge LLM node until SIGTERM/SIGINT: StackFlow units over one model, registered with the
-    bridge (ZeroMQ DEALER) and served to StackFlow clients over TCP."""
+    bridge (ZeroMQ DEALER, CURVE with the keys MEETMESH_EDGE_NODE_SECRET_KEY and
+    MEETMESH_EDGE_SERVER_PUBLIC_KEY name; plain only with MEETMESH_ENV=dev) and served to StackFlow
+    clients over TCP."""
     from .cli import run
     from .edge_models import load_model
     from .edge_node import EdgeNode, EdgeUnits
@@ -87,9 +90,38 @@ def bench_edge_cmd(
         print_result(result)
 
 
+def edge_keys_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder for the keys (made if missing).")],
+    node: Annotated[list[str] | None, typer.Option(
+        "--node", help="A node to make a key pair for (repeat; default: one named 'node').")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the settings as JSON.")] = False,
+) -> None:
+    """Make CURVE key pairs for the edge bridge and its nodes (zmq.auth certificates), and print the
+    settings each side runs with. Existing key pairs are kept."""
+    from .edge_keys import create_keys
+
+    made = create_keys(directory, nodes=node or ["node"])
+    if as_json:
+        print(json.dumps(made, indent=2))
+        return
+    nodes = made.pop("nodes")
+    print("bridge (the ai service):")
+    for name, value in made.items():
+        print(f"  {name}={value}")
+    for name, settings in nodes.items():
+        print(f"node {name}:")
+        for variable, value in settings.items():
+            print(f"  {variable}={value}")
+    print(f"Only the nodes whose public key is in {made['MEETMESH_EDGE_CLIENT_KEYS_DIR']} are let in; "
+          "keep the .key_secret files private.")
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add ``edge-node`` to ``app`` and ``edge`` to its ``bench`` sub-app."""
+    """Add ``edge-node`` and ``edge keys`` to ``app``, and ``edge`` to its ``bench`` sub-app."""
     app.command("edge-node")(edge_node_cmd)
+    edge_app = typer.Typer(help="Edge bridge and nodes.", no_args_is_help=True)
+    edge_app.command("keys")(edge_keys_cmd)
+    app.add_typer(edge_app, name="edge")
     bench_app.command("edge")(bench_edge_cmd)
 
 

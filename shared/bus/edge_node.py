@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 from pydantic import ValidationError
 
+from .edge_keys import CurveOption, NodeKeys, curve_client, node_keys
 from .edge_models import Model, models_by_name, prompt_for
 from .errors import ConfigError, describe
 from .stackflow import (
@@ -46,6 +47,7 @@ log = logging.getLogger("meetmesh.edge.node")
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # sends one reply to whoever asked
 
 
+MAX_FRAME = 4 << 20  # bytes of one message from the bridge; more disconnects it
 MAX_INPUT = 1 << 22  # characters of one streamed input, all chunks together; more gets -4
 
 
@@ -303,13 +305,20 @@ def taskinfo(unit: Unit) -> dict[str, Any]:
 class EdgeNode:
     """An edge node: `EdgeUnits` served to a bridge at ``connect`` (ZeroMQ DEALER; it registers with
     its models and capacity, heartbeats, and reconnects with a fresh identity when the bridge goes
-    silent for ``missed`` beats) and, if ``stackflow_port`` is set, to StackFlow TCP clients."""
+    silent for ``missed`` beats) and, if ``stackflow_port`` is set, to StackFlow TCP clients.
+
+    ``curve``: "env" (the default) takes the node's CURVE key pair and the bridge's public key from
+    settings (`edge_keys`; outside development mode, none is a `ConfigError` when `run` starts);
+    `NodeKeys` gives them; "off" talks to the bridge plain on purpose."""
 
     def __init__(self, units: EdgeUnits, *, connect: str | None = "tcp://127.0.0.1:5555",
                  name: str | None = None, heartbeat: float = 1.0, missed: int = 3,
-                 stackflow_host: str = "127.0.0.1", stackflow_port: int | None = None) -> None:
+                 stackflow_host: str = "127.0.0.1", stackflow_port: int | None = None,
+                 curve: NodeKeys | CurveOption = "env") -> None:
         if heartbeat <= 0 or missed < 1:
             raise ConfigError("heartbeat must be > 0 and missed >= 1")
+        self.curve = curve
+        self.keys: NodeKeys | None = None  # once running: the CURVE keys in use (None: plain)
         self.units, self.connect = units, connect
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.heartbeat, self.missed = heartbeat, missed
@@ -327,6 +336,11 @@ class EdgeNode:
         """Serve until `stop` (then stop running inferences and close everything)."""
         from .stackflow_tcp import StackFlowServer
 
+        if self.connect:
+            if self.curve == "env":
+                self.keys = node_keys()
+            elif self.curve != "off":
+                self.keys = self.curve
         server = None
         if self.stackflow_port is not None:
             server = StackFlowServer(self.units, self.stackflow_host, self.stackflow_port)
@@ -354,6 +368,9 @@ class EdgeNode:
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+            if self.keys is not None:
+                curve_client(sock, self.keys)
             try:
                 sock.connect(self.connect)
             except zmq.ZMQError as exc:
@@ -394,7 +411,10 @@ class EdgeNode:
             while not receiving.done():
                 silent = loop.time() - self._heard
                 if silent > self._beat * self.missed:
-                    log.warning("bridge %s silent for %.1fs: reconnecting", self.connect, silent)
+                    hint = "" if self.registered.is_set() or self.keys is None else (
+                        " (never welcomed: is this node's CURVE key among the bridge's allowed keys, and "
+                        "the bridge's public key the right one?)")
+                    log.warning("bridge %s silent for %.1fs: reconnecting%s", self.connect, silent, hint)
                     return
                 with contextlib.suppress(zmq.ZMQError):
                     link.send([BEAT + dumps({"running": self.units.running})])

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ REPLICA_STRIDE = 10
 MAX_REPLICAS = 9
 EDGE_BRIDGE_PORT = 5555
 STACKFLOW_PORT = 10001
+EDGE_KEYS_DIR = "edge-keys"  # in the data folder: the CURVE keys of the bridges and edge nodes
 READY_LINE = "meetmesh up: ready"
 # A child that stops on our SIGTERM/SIGINT may exit 0 or re-raise the signal (uvicorn does)
 CLEAN_EXITS = frozenset({0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT})
@@ -137,8 +139,12 @@ class Layout:
 def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_PORT_BASE,
          host: str = "127.0.0.1", service_host: str = "127.0.0.1", edge_model: str | None = None,
          edge_capacity: int = 1, edge_token_delay: float = 0.0, stackflow: bool = True,
-         python: str = sys.executable) -> Layout:
-    """The mesh's processes and shared ``MEETMESH_*`` ports and URLs (see the module's docstring)."""
+         python: str = sys.executable, edge_keys_dir: Path | None = None) -> Layout:
+    """The mesh's processes and shared ``MEETMESH_*`` ports and URLs (see the module's docstring).
+    With ``edge_keys_dir`` (keys `edge_keys.create_keys` makes there, one pair per edge node, named
+    as the node), each ai replica's bridge and its edge node talk CURVE with those keys."""
+    from .edge_keys import bridge_settings, node_settings
+
     counts = {name: 1 for name in SERVICES} | dict(scale or {})
     offset = port_base - DEFAULT_PORT_BASE
     cli = [python, "-m", "shared.bus.cli"]
@@ -174,6 +180,8 @@ def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_POR
                 ports.append((f"{name} StackFlow", sf_port))
             endpoint = f"tcp://127.0.0.1:{bridge}"
             proc.env = {"MEETMESH_EDGE_BIND": endpoint, "MEETMESH_EDGE_PORT_OFFSET": "0"}
+            if edge_keys_dir is not None:
+                proc.env |= bridge_settings(edge_keys_dir)
             proc.note = f"edge bridge {endpoint}"
             edge = replica_name("edge", k, count)
             argv = [*cli, "edge-node", "--connect", endpoint, "--stackflow-port", str(sf_port),
@@ -185,7 +193,10 @@ def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_POR
             note = f"model {model}, capacity {edge_capacity}"
             if sf_port:
                 note += f", StackFlow TCP :{sf_port}"
+            if edge_keys_dir is not None:
+                note += ", CURVE"
             procs.append(Proc(edge, argv, stage=STAGE_EDGE, stop_stage=STOP_EDGE,
+                              env=node_settings(edge_keys_dir, edge) if edge_keys_dir is not None else {},
                               ready_line="edge node ready", url=endpoint, note=note))
     for what, port in ports:
         if not 1024 <= port <= 65535:
@@ -198,16 +209,12 @@ def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_POR
 def redis_proc(port: int, workdir: str, binary: str = "redis-server") -> Proc:
     """A private redis-server as one more supervised process, started first and stopped last. (Not
     `embedded.ensure_redis`: its server would share our process group and die at once on the
-    terminal's Ctrl-C, before the services drained.)
-
-    It keeps its data in ``workdir`` (the mesh's data folder): an append-only file fsynced every
-    second, so a graceful stop (SIGTERM: Redis fsyncs and exits) loses nothing acknowledged and a
-    crash at most the last second; the next start on the same folder loads it back."""
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec"]
+    terminal's Ctrl-C, before the services drained.)"""
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", workdir]
     return Proc("redis", argv, stage=STAGE_REDIS, stop_stage=STOP_REDIS,
                 ready_line="Ready to accept connections", url=f"redis://127.0.0.1:{port}/0",
-                note=f"private, kept in {workdir} (append-only file, fsync every second)")
+                note="private: gone when `up` exits")
 
 
 # -- the supervisor --------------------------------------------------------------------------------
@@ -535,8 +542,7 @@ def up_cmd(
                                   "edge bridges at 5555+(BASE-8000)+k.")] = DEFAULT_PORT_BASE,
     host: Annotated[str, typer.Option(help="The gateway's interface.")] = "127.0.0.1",
     data_dir: Annotated[Path | None, typer.Option(
-        help="Where the SQLite store and a private Redis's data live (default MEETMESH_DATA_DIR, "
-             "./.meetmesh).")] = None,
+        help="Where the SQLite store lives (default MEETMESH_DATA_DIR, ./.meetmesh).")] = None,
     grace: Annotated[float, typer.Option(
         min=0.0, help="Seconds the processes get to stop after SIGTERM before SIGKILL.")] = 40.0,
     ready_timeout: Annotated[float, typer.Option(
@@ -545,26 +551,28 @@ def up_cmd(
     """Run the whole mesh, each part its own process, until Ctrl-C or SIGTERM.
 
     The gateway, the user, meeting, media and ai services and a reference edge node per ai replica,
-    output prefixed by name. Uses Redis at MEETMESH_REDIS_URL (refusing to start when nothing answers
-    there); when it is not set and nothing answers at the default address, starts a private
-    redis-server that keeps its data in DATA_DIR/redis.
+    output prefixed by name. Uses Redis at MEETMESH_REDIS_URL, or starts a private redis-server when
+    nothing answers there.
     Sets MEETMESH_ENV=dev (development mode) unless MEETMESH_ENV says otherwise; without
     MEETMESH_JWT_SECRET, tokens are then signed with the development secret kept in DATA_DIR/dev-secret
     (made once), which `meetmesh token` and `meetmesh submit` find there too.
     Ctrl-C or SIGTERM stops everything gracefully; if any process dies, everything stops
     (exit code 1)."""
     from .cli import run
-    from .connection import redact_url
     from .settings import BusSettings
 
     console = Console(highlight=False)
     settings = BusSettings.load()
+    folder = (data_dir or Path(os.environ.get("MEETMESH_DATA_DIR") or ".meetmesh")).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
     layout = plan(scale=parse_scale(scale or ()), port_base=port_base, host=host,
                   service_host=os.environ.get("MEETMESH_SERVICE_HOST", "127.0.0.1"),
                   edge_model=edge_model, edge_capacity=edge_capacity, edge_token_delay=edge_token_delay,
-                  stackflow=stackflow)
-    folder = (data_dir or Path(os.environ.get("MEETMESH_DATA_DIR") or ".meetmesh")).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+                  stackflow=stackflow, edge_keys_dir=folder / EDGE_KEYS_DIR)
+    # CURVE between the ai services' bridges and their edge nodes: a key pair each, kept for restarts
+    from .edge_keys import create_keys
+
+    create_keys(folder / EDGE_KEYS_DIR, [p.name for p in layout.procs if p.stage == STAGE_EDGE])
     try:
         mode_env, mode_note = signing_mode(folder)
     except ConfigError as exc:
@@ -574,21 +582,16 @@ def up_cmd(
     async def main() -> int:
         procs = list(layout.procs)
         redis_url = settings.redis_url
+        workdir: str | None = None
         if not await _answers(redis_url):
-            if settings.redis_url_configured:
-                sys.exit(f"meetmesh up: no Redis answers at MEETMESH_REDIS_URL={redact_url(redis_url)}; "
-                         "fix the URL or start that Redis (a private one is only started when no URL "
-                         "is configured)")
             binary = shutil.which("redis-server")
             if binary is None:
-                sys.exit(f"meetmesh up: MEETMESH_REDIS_URL is not set, nothing answers at {redis_url}, "
-                         "and redis-server is not on PATH to start a private one")
-            workdir = folder / "redis"
-            workdir.mkdir(exist_ok=True)
-            private = redis_proc(free_port(), str(workdir), binary)
-            console.print(f"meetmesh up: MEETMESH_REDIS_URL is not set and nothing answers at {redis_url}; "
-                          f"starting a private redis-server at {private.url}, data kept in {workdir}",
-                          highlight=False, soft_wrap=True)
+                sys.exit(f"meetmesh up: no Redis answers at MEETMESH_REDIS_URL={redis_url}, and "
+                         "redis-server is not on PATH to start a private one")
+            workdir = tempfile.mkdtemp(prefix="meetmesh-redis-")
+            private = redis_proc(free_port(), workdir, binary)
+            console.print(f"meetmesh up: nothing answers at MEETMESH_REDIS_URL={redis_url}; starting a "
+                          f"private redis-server at {private.url}", highlight=False, soft_wrap=True)
             redis_url = str(private.url)
             procs.insert(0, private)
         env = {**os.environ, **layout.env, "MEETMESH_REDIS_URL": redis_url, "MEETMESH_DATA_DIR": str(folder)}
@@ -603,7 +606,11 @@ def up_cmd(
 
         names = ", ".join(p.name for p in procs)
         supervisor.say(f"starting {len(procs)} process{'es' if len(procs) != 1 else ''}: {names}")
-        return await supervisor.run(ready_timeout=ready_timeout, on_ready=ready)
+        try:
+            return await supervisor.run(ready_timeout=ready_timeout, on_ready=ready)
+        finally:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     code = run(main)
     raise typer.Exit(code)

@@ -48,6 +48,15 @@ WAIT = 20.0          # generous deadline for anything to happen
 WORDS = "one two three four five six seven eight"
 
 
+@pytest.fixture(autouse=True)
+def plain_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Development mode, no CURVE keys: bridge and nodes (child processes too) talk plain ZeroMQ.
+    CURVE has its own tests (test_edge_curve.py)."""
+    monkeypatch.setenv("MEETMESH_ENV", "dev")
+    for variable in ("SERVER_SECRET_KEY", "CLIENT_KEYS_DIR", "NODE_SECRET_KEY", "SERVER_PUBLIC_KEY"):
+        monkeypatch.delenv(f"MEETMESH_EDGE_{variable}", raising=False)
+
+
 async def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while not check():

