@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,12 +208,16 @@ def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_POR
 def redis_proc(port: int, workdir: str, binary: str = "redis-server") -> Proc:
     """A private redis-server as one more supervised process, started first and stopped last. (Not
     `embedded.ensure_redis`: its server would share our process group and die at once on the
-    terminal's Ctrl-C, before the services drained.)"""
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", workdir]
+    terminal's Ctrl-C, before the services drained.)
+
+    It keeps its data in ``workdir`` (the mesh's data folder): an append-only file fsynced every
+    second, so a graceful stop (SIGTERM: Redis fsyncs and exits) loses nothing acknowledged and a
+    crash at most the last second; the next start on the same folder loads it back."""
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec"]
     return Proc("redis", argv, stage=STAGE_REDIS, stop_stage=STOP_REDIS,
                 ready_line="Ready to accept connections", url=f"redis://127.0.0.1:{port}/0",
-                note="private: gone when `up` exits")
+                note=f"private, kept in {workdir} (append-only file, fsync every second)")
 
 
 # -- the supervisor --------------------------------------------------------------------------------
@@ -542,7 +545,8 @@ def up_cmd(
                                   "edge bridges at 5555+(BASE-8000)+k.")] = DEFAULT_PORT_BASE,
     host: Annotated[str, typer.Option(help="The gateway's interface.")] = "127.0.0.1",
     data_dir: Annotated[Path | None, typer.Option(
-        help="Where the SQLite store lives (default MEETMESH_DATA_DIR, ./.meetmesh).")] = None,
+        help="Where the SQLite store and a private Redis's data live (default MEETMESH_DATA_DIR, "
+             "./.meetmesh).")] = None,
     grace: Annotated[float, typer.Option(
         min=0.0, help="Seconds the processes get to stop after SIGTERM before SIGKILL.")] = 40.0,
     ready_timeout: Annotated[float, typer.Option(
@@ -551,14 +555,16 @@ def up_cmd(
     """Run the whole mesh, each part its own process, until Ctrl-C or SIGTERM.
 
     The gateway, the user, meeting, media and ai services and a reference edge node per ai replica,
-    output prefixed by name. Uses Redis at MEETMESH_REDIS_URL, or starts a private redis-server when
-    nothing answers there.
+    output prefixed by name. Uses Redis at MEETMESH_REDIS_URL (refusing to start when nothing answers
+    there); when it is not set and nothing answers at the default address, starts a private
+    redis-server that keeps its data in DATA_DIR/redis.
     Sets MEETMESH_ENV=dev (development mode) unless MEETMESH_ENV says otherwise; without
     MEETMESH_JWT_SECRET, tokens are then signed with the development secret kept in DATA_DIR/dev-secret
     (made once), which `meetmesh token` and `meetmesh submit` find there too.
     Ctrl-C or SIGTERM stops everything gracefully; if any process dies, everything stops
     (exit code 1)."""
     from .cli import run
+    from .connection import redact_url
     from .settings import BusSettings
 
     console = Console(highlight=False)
@@ -582,16 +588,21 @@ def up_cmd(
     async def main() -> int:
         procs = list(layout.procs)
         redis_url = settings.redis_url
-        workdir: str | None = None
         if not await _answers(redis_url):
+            if settings.redis_url_configured:
+                sys.exit(f"meetmesh up: no Redis answers at MEETMESH_REDIS_URL={redact_url(redis_url)}; "
+                         "fix the URL or start that Redis (a private one is only started when no URL "
+                         "is configured)")
             binary = shutil.which("redis-server")
             if binary is None:
-                sys.exit(f"meetmesh up: no Redis answers at MEETMESH_REDIS_URL={redis_url}, and "
-                         "redis-server is not on PATH to start a private one")
-            workdir = tempfile.mkdtemp(prefix="meetmesh-redis-")
-            private = redis_proc(free_port(), workdir, binary)
-            console.print(f"meetmesh up: nothing answers at MEETMESH_REDIS_URL={redis_url}; starting a "
-                          f"private redis-server at {private.url}", highlight=False, soft_wrap=True)
+                sys.exit(f"meetmesh up: MEETMESH_REDIS_URL is not set, nothing answers at {redis_url}, "
+                         "and redis-server is not on PATH to start a private one")
+            workdir = folder / "redis"
+            workdir.mkdir(exist_ok=True)
+            private = redis_proc(free_port(), str(workdir), binary)
+            console.print(f"meetmesh up: MEETMESH_REDIS_URL is not set and nothing answers at {redis_url}; "
+                          f"starting a private redis-server at {private.url}, data kept in {workdir}",
+                          highlight=False, soft_wrap=True)
             redis_url = str(private.url)
             procs.insert(0, private)
         env = {**os.environ, **layout.env, "MEETMESH_REDIS_URL": redis_url, "MEETMESH_DATA_DIR": str(folder)}
@@ -606,11 +617,7 @@ def up_cmd(
 
         names = ", ".join(p.name for p in procs)
         supervisor.say(f"starting {len(procs)} process{'es' if len(procs) != 1 else ''}: {names}")
-        try:
-            return await supervisor.run(ready_timeout=ready_timeout, on_ready=ready)
-        finally:
-            if workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
+        return await supervisor.run(ready_timeout=ready_timeout, on_ready=ready)
 
     code = run(main)
     raise typer.Exit(code)
