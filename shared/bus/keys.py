@@ -56,7 +56,7 @@ class QueueKeys:
         self.paused = f"{tag}:paused"        # string, present while paused
         self.events = f"{tag}:events"        # stream of every status change
         self.latency = f"{tag}:latency"      # list of recent start-latency samples (ms)
-        self.workers = f"{tag}:workers"      # zset worker id -> last heartbeat (ms)
+        self.workers = f"{tag}:workers"      # zset worker id -> when judged dead (ms): heartbeat + lease
         self.idle = f"{tag}:idle"            # zset "lease_ms:worker" -> registration deadline (ms)
         self.inbox_prefix = f"{tag}:inbox:"  # + worker id: list of deliveries handed to an idle worker
         self.control = f"{tag}:control"      # pub/sub channel: cancel this running task

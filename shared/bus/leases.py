@@ -125,7 +125,10 @@ class LeaseOps:
 
     async def renew(self, worker: str, held: Iterable[tuple[str, str]], lease_seconds: float | None = None
                     ) -> list[str]:
-        """Extend the leases in ``held`` (id, token) and heartbeat; returns the ids no longer held."""
+        """Extend the leases in ``held`` (id, token) and heartbeat; returns the ids no longer held.
+
+        The heartbeat says the worker is alive for one more lease; workers whose heartbeat has run
+        out (killed, never deregistered) are dropped from the queue's worker set by the same call."""
         args: list[Any] = [self.keys.task_prefix, to_ms(lease_seconds or self.lease_seconds), worker]
         for task_id, token in held:
             args += (task_id, token)

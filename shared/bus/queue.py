@@ -8,6 +8,8 @@ Data layout (all keys in `keys.QueueKeys`, one hash tag per queue):
   competes as if it were one level higher (two periods: two levels), and low never starves.
 - ``delayed`` (due time), ``leases`` (lease deadline), ``dead`` (time of death): sorted sets of ids.
 - one hash per task (the record), which outlives the message by ``record_ttl`` once it is finished.
+- ``workers``: a sorted set of worker id -> when that worker is judged dead (its last heartbeat plus
+  its lease); renewals drop the members whose time has passed.
 
 Every state change happens inside one Lua script and is appended to the queue's event stream.
 """
@@ -492,7 +494,7 @@ class Queue(LeaseOps):
             pipe.zcard(k.delayed)
             pipe.zcard(k.leases)
             pipe.zcard(k.dead)
-            pipe.zcount(k.workers, (now - 15) * 1000, "+inf")
+            pipe.zcount(k.workers, now * 1000, "+inf")  # not yet judged dead
             pipe.hgetall(k.stats)
             pipe.exists(k.paused)
             pipe.lrange(k.latency, 0, -1)

@@ -1,11 +1,15 @@
--- Extend the leases a worker still holds, and record its heartbeat.
+-- Extend the leases a worker still holds, and record its heartbeat; drop workers judged dead.
+-- The workers set scores each worker by when it is judged dead: its last heartbeat plus its lease
+-- (three missed renewals, the moment its leases expire too). A worker killed without deregistering
+-- stays there until that time, then the next renewal of any worker of the queue removes it.
 -- KEYS[1] leases   KEYS[2] workers
 -- ARGV[1] task prefix   ARGV[2] lease ms   ARGV[3] worker id   then pairs: id, delivery token
 -- Returns: the ids whose lease is no longer this worker's (cancelled, reclaimed, or gone)
 local leases, workers = KEYS[1], KEYS[2]
 local tp, lease, worker = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
-redis.call('ZADD', workers, now, worker)
+redis.call('ZREMRANGEBYSCORE', workers, '-inf', '(' .. string.format('%.0f', now))
+redis.call('ZADD', workers, string.format('%.0f', now + lease), worker)
 local lost = {}
 for i = 4, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
