@@ -226,7 +226,8 @@ class Service:
             for hook in self._on_start:
                 await hook()
             if self.router is not None:
-                queue = Queue(self.queue_name, self._redis, prefix=s.key_prefix, **self.queue_options)
+                queue = Queue(self.queue_name, self._redis, prefix=s.key_prefix,
+                              **{**s.retention, **self.queue_options})
                 self.worker = Worker(queue, self.router, concurrency=s.worker_concurrency,
                                      grace_seconds=s.grace_seconds, name=None, limiter=self.limiter)
                 self._tasks["worker"] = asyncio.create_task(self.worker.run(), name=f"{self.name}-worker")

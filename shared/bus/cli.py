@@ -61,7 +61,8 @@ def open_queue(name: str, **options: Any) -> Callable[[Callable[[Queue], Awaitab
             settings = BusSettings.load()
             _, redis = await ensure_redis(settings.redis_url, configured=settings.redis_url_configured)
             try:
-                return await fn(Queue(name, redis, prefix=settings.key_prefix, **options))
+                kept = settings.retention
+                return await fn(Queue(name, redis, prefix=settings.key_prefix, **{**kept, **options}))
             finally:
                 await redis.aclose()
 

@@ -63,7 +63,6 @@ class LeaseOps:
     keys: QueueKeys
     redis: Redis
     lease_seconds: float
-    record_ttl: float
     events_maxlen: int
 
     async def _run_layout(self, script: str, args: list[Any]) -> Any:
@@ -109,8 +108,7 @@ class LeaseOps:
                       settle: list[Any] | None, wait_ms: int) -> list[Any]:
         count = max(0, min(count, MAX_DEQUEUE))  # at most this many a call; 0 only does upkeep
         lease = to_ms(lease_seconds or self.lease_seconds)
-        return [count, lease, worker, to_ms(idle_seconds), to_ms(self.record_ttl), self.keys.rate_prefix,
-                wait_ms, *(settle or ())]
+        return [count, lease, worker, to_ms(idle_seconds), self.keys.rate_prefix, wait_ms, *(settle or ())]
 
     async def _run_then_blpop(self, script: str, args: list[Any], key: str, timeout: float,
                               answered: Callable[[Any], None]) -> tuple[Any, Any]:
@@ -120,8 +118,7 @@ class LeaseOps:
         """Apply settled outcomes: a flat list of (id, token, outcome, a, b) groups. See settle-10.lua."""
         if not entries:
             return []
-        ttl = to_ms(self.record_ttl)
-        return list(await self._run_layout("settle", [ttl, self.keys.rate_prefix, *entries]))
+        return list(await self._run_layout("settle", [self.keys.rate_prefix, *entries]))
 
     async def renew(self, worker: str, held: Iterable[tuple[str, str]], lease_seconds: float | None = None
                     ) -> list[str]:

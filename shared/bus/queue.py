@@ -7,7 +7,10 @@ Data layout (all keys in `keys.QueueKeys`, one hash tag per queue):
   level is FIFO; with ``aging_seconds`` it is that many ms, so a message that has waited that long
   competes as if it were one level higher (two periods: two levels), and low never starves.
 - ``delayed`` (due time), ``leases`` (lease deadline), ``dead`` (time of death): sorted sets of ids.
-- one hash per task (the record), which outlives the message by ``record_ttl`` once it is finished.
+- one hash per task (the record), kept after the task ends for as long as its retention class says:
+  ``completed_ttl`` (1 h) once completed, ``cancelled_ttl`` (24 h) once cancelled or past its deadline,
+  ``dead_letter_ttl`` (7 d) once dead-lettered (failed, dead, timeout), after which the dead letter
+  itself goes too. Nothing expires while a task is queued or running.
 - ``workers``: a sorted set of worker id -> when that worker is judged dead (its last heartbeat plus
   its lease); renewals drop the members whose time has passed.
 
@@ -21,6 +24,7 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +61,9 @@ class Queue(LeaseOps):
     """A named priority queue. Cheap to create; all state lives in Redis.
 
     Per-queue defaults apply to messages that do not set their own ``max_retries`` or ``timeout``.
+    Finished records are kept ``completed_ttl`` seconds (completed), ``cancelled_ttl`` (cancelled, or
+    ended by their deadline) or ``dead_letter_ttl`` (dead letters: failed, dead, timeout; the dead
+    letter is dropped with its record). ``record_ttl`` is deprecated: it sets the first two.
     """
 
     def __init__(
@@ -71,7 +78,10 @@ class Queue(LeaseOps):
         aging_seconds: float | None = None,
         retry_base_seconds: float = 1.0,
         retry_cap_seconds: float = 300.0,
-        record_ttl: float = 86_400.0,
+        completed_ttl: float = 3_600.0,
+        cancelled_ttl: float = 86_400.0,
+        dead_letter_ttl: float = 7 * 86_400.0,
+        record_ttl: float | None = None,
         dedupe_ttl: float = 3_600.0,
         dedupe_scope: str = "owner",
         max_message_bytes: int = 1 << 20,
@@ -92,7 +102,15 @@ class Queue(LeaseOps):
         self.aging_seconds = aging_seconds
         self.retry_base_seconds = retry_base_seconds
         self.retry_cap_seconds = retry_cap_seconds
-        self.record_ttl = record_ttl
+        if record_ttl is not None:
+            warnings.warn("Queue(record_ttl=...) is deprecated: use completed_ttl and cancelled_ttl "
+                          "(dead letters are kept dead_letter_ttl)", DeprecationWarning, stacklevel=2)
+            completed_ttl = cancelled_ttl = record_ttl
+        if min(completed_ttl, cancelled_ttl, dead_letter_ttl) <= 0:
+            raise ValueError("completed_ttl, cancelled_ttl and dead_letter_ttl must be > 0")
+        self.completed_ttl = completed_ttl
+        self.cancelled_ttl = cancelled_ttl
+        self.dead_letter_ttl = dead_letter_ttl
         self.dedupe_ttl = dedupe_ttl
         self.dedupe_scope = dedupe_scope  # "owner": a dedupe key is its owner's alone (keys.dedupe_suffix)
         self.max_message_bytes = max_message_bytes
@@ -100,7 +118,8 @@ class Queue(LeaseOps):
         self._weight = round(aging_seconds * 1e6) if aging_seconds else STRICT_LEVEL_WEIGHT_US
         self._scripts = Scripts(redis)
         self._layout = self.keys.layout()
-        self._head = [self.keys.task_prefix, self.keys.inbox_prefix, events_maxlen, self._weight]
+        self._head = [self.keys.task_prefix, self.keys.inbox_prefix, events_maxlen, self._weight,
+                      to_ms(completed_ttl), to_ms(dead_letter_ttl)]  # see lua/_lib.lua
         # enqueue calls made while one is in flight, sent together next (see `_enqueue_call`)
         self._enqueuing = False
         self._riders: list[tuple[list[Any], asyncio.Future[Any]]] = []
@@ -430,7 +449,7 @@ class Queue(LeaseOps):
         k = self.keys
         code, before = await self._run(
             "cancel", [k.task(task_id), k.ready, k.delayed, k.leases, k.depth, k.events, k.stats],
-            [task_id, to_ms(self.record_ttl), self.events_maxlen, k.control, reason,
+            [task_id, to_ms(self.cancelled_ttl), self.events_maxlen, k.control, reason,
              TaskStatus(status).value])
         if code < 0:
             raise TaskNotFound(task_id)

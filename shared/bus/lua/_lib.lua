@@ -4,14 +4,16 @@
 --   KEYS[1] ready   KEYS[2] delayed   KEYS[3] leases   KEYS[4] depth   KEYS[5] events
 --   KEYS[6] paused  KEYS[7] latency   KEYS[8] dead     KEYS[9] stats   KEYS[10] idle workers
 --   ARGV[1] task prefix   ARGV[2] inbox prefix   ARGV[3] events maxlen   ARGV[4] level weight (us)
---   then the script's own arguments from ARGV[5].
+--   ARGV[5] ms a completed task's record is kept   ARGV[6] ms a dead letter (and its record) is kept
+--   then the script's own arguments from ARGV[7].
 -- Task records are hashes at task prefix .. id, inboxes lists at inbox prefix .. worker: both in
 -- the queue's hash-tag slot.
 -- Record fields: msg type prio owner status score enq ready att dlv max stage started finished
 --                progress result error worker
 local Q = {ready = KEYS[1], delayed = KEYS[2], leases = KEYS[3], depth = KEYS[4], events = KEYS[5],
            paused = KEYS[6], latency = KEYS[7], dead = KEYS[8], stats = KEYS[9], idle = KEYS[10],
-           tp = ARGV[1], inbox = ARGV[2], maxlen = ARGV[3], weight = tonumber(ARGV[4])}
+           tp = ARGV[1], inbox = ARGV[2], maxlen = ARGV[3], weight = tonumber(ARGV[4]),
+           completed_ttl = ARGV[5], dead_ttl = ARGV[6]}
 
 local now_us_cached = nil
 
@@ -59,11 +61,12 @@ local function task_error(code, message)
   return cjson.encode({code = code, message = message})
 end
 
--- Move a task to the dead-letter set with `status` and `err`; it stays until replayed or purged.
+-- Move a task to the dead-letter set with `status` and `err`; it stays until replayed, purged, or
+-- Q.dead_ttl has passed (its record expires then; dequeue drops its id from the set).
 local function bury(id, status, typ, owner, err, now)
   local key = Q.tp .. id
   redis.call('HSET', key, 'status', status, 'finished', now, 'error', err)
-  redis.call('PERSIST', key)
+  redis.call('PEXPIRE', key, Q.dead_ttl)
   redis.call('ZADD', Q.dead, now, id)
   redis.call('HINCRBY', Q.stats, 'failed', 1)
   emit(Q.events, Q.maxlen, id, status, typ, owner, {'error', err})
@@ -141,8 +144,9 @@ end
 
 -- Settle leased messages given as ARGV groups of 5 from index `first` (see settle-10.lua for the
 -- outcomes): complete, retry, fail, next pipeline stage, or release. Each entry is fenced by its
--- delivery token. Returns one integer per entry: 1 settled, 0 ignored (lease no longer held).
-local function settle_from(first, ttl, ratep)
+-- delivery token. A completed task's record is kept Q.completed_ttl ms. Returns one integer per
+-- entry: 1 settled, 0 ignored (lease no longer held).
+local function settle_from(first, ratep)
   local now = now_ms()
   local now_s = int(now)
   local out = {}
@@ -176,7 +180,7 @@ local function settle_from(first, ttl, ratep)
       redis.call('ZREM', Q.leases, id)
       if outcome == 'done' then
         redis.call('HSET', key, 'status', 'completed', 'finished', now_s, 'result', a, 'progress', '1')
-        redis.call('PEXPIRE', key, ttl)
+        redis.call('PEXPIRE', key, Q.completed_ttl)
         counts.processed = counts.processed + 1
         local extra = {}
         if #a <= INLINE_RESULT then extra = {'result', a} end

@@ -2,7 +2,7 @@
 -- passed). A running task's worker is told on the control channel and settles nothing.
 -- KEYS[1] task record   KEYS[2] ready   KEYS[3] delayed   KEYS[4] leases   KEYS[5] depth
 -- KEYS[6] events        KEYS[7] stats
--- ARGV[1] id   ARGV[2] record ttl ms   ARGV[3] events maxlen   ARGV[4] control channel
+-- ARGV[1] id   ARGV[2] ms the ended task's record is kept   ARGV[3] events maxlen   ARGV[4] control channel
 -- ARGV[5] reason   ARGV[6] final status: 'cancelled' or 'timeout' (also the error code and the
 --   stats counter: 'cancelled' or 'timeout')
 -- Returns: {code, status before}: 1 ended, 0 already finished (nothing done), -1 no such task

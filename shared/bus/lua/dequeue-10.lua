@@ -1,22 +1,25 @@
 -- Settle what the worker finished, then lease it up to COUNT messages, after reclaiming expired
 -- leases and promoting due delayed messages: acks and the next batch share one round trip. A worker that got fewer than it asked for is registered as idle, so the next
 -- enqueue hands it a message directly (see serve_idle).
--- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
--- ARGV[5] count   ARGV[6] lease ms   ARGV[7] worker id   ARGV[8] idle registration ttl ms (0: don't)
--- ARGV[9] record ttl ms   ARGV[10] per-second rate key prefix
--- ARGV[11] wait ms: how long the BLPOP on the worker's inbox that the caller sent right behind this
+-- KEYS, ARGV[1..6]: the queue layout (see _lib.lua)
+-- ARGV[7] count   ARGV[8] lease ms   ARGV[9] worker id   ARGV[10] idle registration ttl ms (0: don't)
+-- ARGV[11] per-second rate key prefix
+-- ARGV[12] wait ms: how long the BLPOP on the worker's inbox that the caller sent right behind this
 --   call (same round trip) blocks; 0 if none. When the worker should not block (it got all it asked
 --   for, or something falls due before the wait would end), an empty entry (a wake-up) is pushed to
 --   its inbox, so that BLPOP returns at once.
 -- then settle entries, as settle-10.lua
 -- Returns: {ms until the next delayed message or lease deadline (-1: none), then one delivery
 --   string per leased message (see lease_to), then, with a wait, 1 if it was cut short, else 0}
-local count, lease, worker, idle_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-local wait_ms = tonumber(ARGV[11])
+local count, lease, worker, idle_ttl = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
+local wait_ms = tonumber(ARGV[12])
 local asked = math.min(count, 1000)  -- bounded batches keep unpack() within Lua's stack
 count = asked
 local now = now_ms()
-if #ARGV > 11 then settle_from(12, ARGV[9], ARGV[10]) end
+if #ARGV > 12 then settle_from(13, ARGV[11]) end
+
+-- 0. Dead letters older than their retention: their records have expired (see bury); drop the ids.
+redis.call('ZREMRANGEBYSCORE', Q.dead, '-inf', int(now - tonumber(Q.dead_ttl)))
 
 -- 1. Leases whose worker died: back to the front of their level, or dead when out of attempts.
 --    A delivery still unread in the worker's inbox never ran: it is taken back, uncharged.

@@ -1,7 +1,7 @@
 -- Enqueue a batch of messages atomically (dedupe, ready or delayed, record, announce), then hand
 -- the best ready ones to idle workers.
--- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
--- ARGV[5] dedupe prefix   ARGV[6] 1 to compute positions, 0 not to
+-- KEYS, ARGV[1..6]: the queue layout (see _lib.lua)
+-- ARGV[7] dedupe prefix   ARGV[8] 1 to compute positions, 0 not to
 -- then 9 per message: id, level (0-3), delay ms (0 = ready now), dedupe key ('' = none),
 --   dedupe ttl ms, max retries, type, owner, message JSON.
 --   An id is checked for an existing task (enqueueing a message again is a no-op), except one
@@ -11,7 +11,7 @@
 -- Returns: {duplicates, positions}: duplicates lists, for each message that already existed,
 --   its 1-based index in the batch and the existing task's id; positions has one entry per
 --   message (-1: unknown) when asked for, else is empty.
-local dp, want_position = ARGV[5], ARGV[6] == '1'
+local dp, want_position = ARGV[7], ARGV[8] == '1'
 local now = now_ms()
 local now_s = int(now)
 local delayed_any = false
@@ -20,7 +20,7 @@ local added = {0, 0, 0, 0}
 local created = 0
 local zadd = {'ZADD', Q.ready}
 local ids = {}
-local batch = #ARGV > 15
+local batch = #ARGV > 17  -- more than one message
 
 local function position(id)
   if not want_position then return -1 end
@@ -31,8 +31,8 @@ local function position(id)
   return -1
 end
 
-for i = 7, #ARGV, 9 do
-  local n = (i - 7) / 9 + 1
+for i = 9, #ARGV, 9 do
+  local n = (i - 9) / 9 + 1
   local id, level, delay = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local dkey, typ, owner = ARGV[i + 3], ARGV[i + 6], ARGV[i + 7]
   local existing = false

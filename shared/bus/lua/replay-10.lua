@@ -1,14 +1,14 @@
 -- Move dead letters back to the ready set as fresh messages (attempts reset, last error kept),
 -- and hand them to idle workers.
--- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
--- ARGV[5] limit when replaying all   then ids (none = the oldest LIMIT dead letters)
+-- KEYS, ARGV[1..6]: the queue layout (see _lib.lua)
+-- ARGV[7] limit when replaying all   then ids (none = the oldest LIMIT dead letters)
 -- Returns: the number replayed
 local now = now_ms()
 local ids = {}
-if #ARGV > 5 then
-  for i = 6, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ARGV > 7 then
+  for i = 8, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
-  ids = redis.call('ZRANGE', Q.dead, 0, tonumber(ARGV[5]) - 1)
+  ids = redis.call('ZRANGE', Q.dead, 0, tonumber(ARGV[7]) - 1)
 end
 local n = 0
 for _, id in ipairs(ids) do
@@ -19,6 +19,7 @@ for _, id in ipairs(ids) do
       local score = int(ready_score(f[1]))
       redis.call('HSET', key, 'status', 'queued', 'att', 0, 'score', score, 'ready', now)
       redis.call('HDEL', key, 'finished')
+      redis.call('PERSIST', key)  -- queued again: kept until it finishes
       redis.call('ZADD', Q.ready, score, id)
       redis.call('HINCRBY', Q.depth, f[1], 1)
       emit(Q.events, Q.maxlen, id, 'queued', f[2], f[3], {'reason', 'replay'})

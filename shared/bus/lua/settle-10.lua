@@ -2,8 +2,8 @@
 -- release (graceful shutdown). Each entry is fenced by its delivery token: an entry whose lease was
 -- lost (reclaimed, cancelled) is ignored, so a late worker can never clobber a newer delivery.
 -- Messages put back in ready are handed to idle workers at once.
--- KEYS, ARGV[1..4]: the queue layout (see _lib.lua)
--- ARGV[5] record ttl ms   ARGV[6] per-second rate key prefix
+-- KEYS, ARGV[1..6]: the queue layout (see _lib.lua)
+-- ARGV[7] per-second rate key prefix
 -- then 5 per entry: id, delivery token, outcome, a, b
 --   done:    a = result JSON ('' = none)
 --   retry:   a = error JSON, b = delay ms
@@ -12,4 +12,4 @@
 --   release: (nothing) back to the front of its level; the interrupted attempt does not count
 -- Returns: one integer per entry: 1 settled, 0 ignored (lease no longer held)
 -- (The work is settle_from in _lib.lua: dequeue-10.lua settles a batch the same way.)
-return settle_from(7, ARGV[5], ARGV[6])
+return settle_from(8, ARGV[7])
