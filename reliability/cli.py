@@ -98,3 +98,21 @@ def redis(
             raise typer.BadParameter(f"--mode {m!r}: use graceful or kill")
     summary = _run(run_redis(config, progress=_progress(as_json)))
     show("chaos redis", summary.as_dict() if as_json else describe(summary), as_json)
+
+
+@app.command()
+def broker(
+    mode: Annotated[list[str] | None,
+                    typer.Option(help="graceful and/or kill (default: both, in turn).")] = None,
+    rate: Annotated[float, typer.Option(help="Durable events published per second.")] = 100.0,
+    down: Annotated[float, typer.Option(help="Seconds the broker stays away each time.")] = 2.0,
+    warm: Annotated[float, typer.Option(help="Seconds of publishing before each stop.")] = 2.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Restart a private nats-server (JetStream) mid-run, gracefully and with SIGKILL: every durable event
+    acknowledged before, while or after must reach the subscribing service once it is back."""
+    from .broker import BrokerConfig, run_broker
+
+    config = BrokerConfig(modes=tuple(mode or ("graceful", "kill")), rate=rate, down=down, warm=warm)
+    summary = _run(run_broker(config, progress=_progress(as_json)))
+    show("chaos broker", summary.as_dict(), as_json)

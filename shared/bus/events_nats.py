@@ -74,6 +74,10 @@ class NatsEventBus(EventBus):
             self._declare_durable()
         try:
             await self.broker.connect()
+            # nats-py gives up for good after max_reconnect_attempts (3 here, ~6 s): an outage of the
+            # broker longer than that left this bus dead until the process restarted. The bound is
+            # for start-up only (a wrong URL fails in seconds); once connected, reconnect forever.
+            self.broker.connection.options["max_reconnect_attempts"] = -1
             # Declared whether or not this process subscribes: a publisher needs the stream too.
             for stream in (self.stream, self.dead_stream):
                 await self._declare(stream)
