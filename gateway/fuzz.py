@@ -245,6 +245,26 @@ async def _closer(url: str, token: str, report: FuzzReport, size: int) -> None:
         await sock.ws.close()
 
 
+async def _unauthenticated(url: str, frame: Frame, report: FuzzReport) -> None:
+    """A bad first frame on a socket without a token: it must be closed with 1008 (policy)."""
+    report.frames += 1
+    report.by_kind["before_auth"] += 1
+    try:
+        async with connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
+            report.sockets_opened += 1
+            await ws.send(frame)
+            raw = await asyncio.wait_for(ws.recv(), ANSWER_TIMEOUT_S)
+            report.failures.append(f"a bad first frame was answered, not closed: {str(raw)[:100]!r}")
+    except ConnectionClosed as exc:
+        code = _close_code(exc)
+        report.closes[code] += 1
+        report.closed_frames += 1
+        if code != 1008:
+            report.failures.append(f"a bad first frame closed the socket with {code}, not 1008")
+    except TimeoutError:
+        report.failures.append("a bad first frame got no answer and no close")
+
+
 async def _fuzzer(url: str, token: str, budget: int, rng: random.Random, report: FuzzReport,
                   max_frame_bytes: int, documented: frozenset[int], number: int) -> None:
     sock = await _open(url, token, report)
@@ -303,16 +323,17 @@ async def _control(url: str, token: str, report: FuzzReport, done: asyncio.Event
 
 async def fuzz_ws(url: str, tokens: Sequence[str], *, control_token: str | None = None, frames: int = 10_000,
                   sockets: int = 20, seed: int = 0, max_frame_bytes: int = 1 << 20,
-                  ws_max_size: int = WS_MAX_SIZE, over_ws_max_size: int = 5,
+                  ws_max_size: int = WS_MAX_SIZE, over_ws_max_size: int = 5, before_auth: int = 20,
                   documented: frozenset[int] = DOCUMENTED_CLOSES, control_every: float = 0.1) -> FuzzReport:
     """Fuzz the gateway's WebSocket at ``url`` (``ws://host:port/ws``): ``frames`` bad frames over
     ``sockets`` sockets (socket *i* authenticates with ``tokens[i % len(tokens)]``), of which
     ``over_ws_max_size`` frames are larger than uvicorn's ``ws_max_size`` (each on a socket of its own:
-    it must be closed with 1009). ``max_frame_bytes`` is the gateway's ``MEETMESH_MAX_FRAME_BYTES``
+    it must be closed with 1009), and ``before_auth`` are the first frame of a socket without a token
+    (it must be closed with 1008). ``max_frame_bytes`` is the gateway's ``MEETMESH_MAX_FRAME_BYTES``
     (for frames just over it). With ``control_token``, a control client pings every ``control_every``
     seconds meanwhile. Deterministic for a ``seed`` (the gateway's answers aside)."""
-    if not tokens or sockets < 1 or frames < over_ws_max_size:
-        raise ValueError("fuzz_ws needs tokens, sockets >= 1 and frames >= over_ws_max_size")
+    if not tokens or sockets < 1 or frames < over_ws_max_size + before_auth:
+        raise ValueError("fuzz_ws needs tokens, sockets >= 1 and frames >= over_ws_max_size + before_auth")
     report = FuzzReport()
     started = time.monotonic()
     done = asyncio.Event()
@@ -321,7 +342,12 @@ async def fuzz_ws(url: str, tokens: Sequence[str], *, control_token: str | None 
     try:
         for i in range(over_ws_max_size):
             await _closer(url, tokens[i % len(tokens)], report, ws_max_size + 1)
-        rest = frames - over_ws_max_size
+        first = random.Random(seed)
+        kinds = _kinds(max_frame_bytes, lambda: "none")
+        names = sorted(k for k in kinds if k != "oversize")
+        await asyncio.gather(*(_unauthenticated(url, kinds[first.choice(names)](first), report)
+                               for _ in range(before_auth)))
+        rest = frames - over_ws_max_size - before_auth
         shares = [rest // sockets + (1 if i < rest % sockets else 0) for i in range(sockets)]
         await asyncio.gather(*(
             _fuzzer(url, tokens[i % len(tokens)], shares[i], random.Random(seed * 1000 + i), report,
