@@ -47,7 +47,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         limits = user_limits(redis, settings)  # per user, shared by every gateway (docs/gateway.md, Limits)
         dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix, relay_broadcast="followed",
                                 admission=limits,
-                                queue_options={"max_message_bytes": settings.max_payload_bytes})
+                                queue_options={**settings.retention,
+                                               "max_message_bytes": settings.max_payload_bytes})
         hub = SessionHub(
             replay_window=settings.replay_window,
             replay_max=settings.replay_max,
