@@ -35,6 +35,7 @@ from .stackflow import (
     UNIT,
     UNKNOWN,
     WELCOME,
+    EdgeBadReply,
     EdgeBusy,
     EdgeStreamBroken,
     EdgeTimeout,
@@ -106,6 +107,7 @@ class EdgeStats:
     retried: int = 0
     busy: int = 0
     timeouts: int = 0
+    bad_replies: int = 0
     broken_streams: int = 0
     nodes_joined: int = 0
     nodes_lost: int = 0
@@ -182,15 +184,22 @@ class EdgeBridge:
     development mode, no keys is a `ConfigError` at `start`); `BridgeKeys` gives them; "off" runs
     plain on purpose (tests, benchmarks). A node whose key is not allowed is refused and logged.
     A node's message over ``max_frame`` bytes disconnects it.
+
+    A node that breaks the protocol (a reply that is not StackFlow's, stream chunks out of order,
+    more than the setup's ``max_token_len`` tokens or ``max_output`` characters) fails the request
+    with `EdgeBadReply` (tried on another node if nothing was streamed yet) and is told to stop;
+    one that never answers runs into the deadline (`EdgeTimeout`).
     """
 
     def __init__(self, bind: str = "tcp://127.0.0.1:5555", *, heartbeat: float = 1.0, missed: int = 3,
                  request_timeout: float = 120.0, max_units_per_node: int = 16,
-                 max_frame: int = 4 << 20, curve: BridgeKeys | CurveOption = "env") -> None:
-        if heartbeat <= 0 or missed < 1 or request_timeout <= 0 or max_units_per_node < 1 or max_frame < 1024:
-            raise ConfigError("heartbeat and request_timeout must be > 0, missed and max_units_per_node "
-                              ">= 1, max_frame >= 1024")
-        self.max_frame = max_frame
+                 max_frame: int = 4 << 20, max_output: int = 1 << 20,
+                 curve: BridgeKeys | CurveOption = "env") -> None:
+        if (heartbeat <= 0 or missed < 1 or request_timeout <= 0 or max_units_per_node < 1
+                or max_frame < 1024 or max_output < 1):
+            raise ConfigError("heartbeat and request_timeout must be > 0, missed, max_units_per_node and "
+                              "max_output >= 1, max_frame >= 1024")
+        self.max_frame, self.max_output = max_frame, max_output
         self.bind, self.heartbeat, self.missed = bind, heartbeat, missed
         self.request_timeout, self.max_units_per_node = request_timeout, max_units_per_node
         self.endpoint = bind
@@ -471,18 +480,28 @@ class EdgeBridge:
         self._calls.pop(call.request_id, None)
         call.node.calls.discard(call.request_id)
 
-    @staticmethod
-    async def _next(call: _Call) -> dict[str, Any]:
+    async def _next(self, call: _Call) -> dict[str, Any]:
+        """The call's next reply; its error raised; `EdgeBadReply` if it is not a StackFlow reply."""
         item = await call.queue.get()
         if item is _EXPIRED:
             raise EdgeTimeout(message="edge request timed out")
         if item is _LOST:
             raise LinkDown("node lost")
         assert isinstance(item, dict)
-        error = item.get("error") or {}
-        if code := int(error.get("code", 0)):
-            raise error_for(code, str(error.get("message", "")))
+        error = item.get("error")
+        if error is not None:
+            code = error.get("code", 0) if isinstance(error, dict) else None
+            if not isinstance(code, int) or isinstance(code, bool):
+                raise self._bad(call.node, f"an error that is not {{code, message}}: {str(error)[:100]!r}")
+            if code:
+                assert isinstance(error, dict)
+                raise error_for(code, str(error.get("message", ""))[:1000])
         return item
+
+    def _bad(self, node: _Node, what: str) -> EdgeBadReply:
+        self._stats.bad_replies += 1
+        log.warning("edge node %s broke the protocol: %s", node.name, what)
+        return EdgeBadReply(message=f"edge node {node.name} broke the protocol: {what}")
 
     async def _unit(self, node: _Node, setup: SetupData, deadline: float) -> _Unit:
         """The node's instance for ``setup`` (made by one ``setup`` call, then reused)."""
@@ -494,7 +513,10 @@ class EdgeBridge:
                 await node.link.send({"request_id": call.request_id, "work_id": UNIT, "action": "setup",
                                       "object": "llm.setup", "data": setup.model_dump(mode="json")})
                 reply = await self._next(call)
-                unit.work_id.set_result(str(reply["work_id"]))
+                work_id = reply.get("work_id")
+                if not isinstance(work_id, str) or not work_id or len(work_id) > 200:
+                    raise self._bad(node, f"a setup answered with work_id {str(work_id)[:100]!r}")
+                unit.work_id.set_result(work_id)
             except BaseException as exc:
                 node.units.pop(setup, None)
                 # waiters for this unit try another node (or time out, or find it gone, as we did)
@@ -537,8 +559,14 @@ class EdgeBridge:
         streamed = 0
         self._stats.requests += 1
         try:
+            last_error: EdgeBadReply | None = None
             while True:
-                node = self._pick(setup.model, tried)
+                try:
+                    node = self._pick(setup.model, tried)
+                except (EdgeBusy, EdgeUnavailable):
+                    if last_error is not None:
+                        raise last_error from None
+                    raise
                 tried.add(node)
                 node.inflight += 1
                 call, unit, finished = None, None, False
@@ -548,13 +576,30 @@ class EdgeBridge:
                     call = self._open(node, deadline)
                     await node.link.send({"request_id": call.request_id, "work_id": unit.work_id.result(),
                                           "action": "inference", "object": TEXT_FORMAT, "data": text})
+                    index = tokens = size = 0
                     while not finished:
-                        data = (await self._next(call))["data"]
-                        if isinstance(data, dict):
-                            finished, delta = bool(data.get("finish")), str(data.get("delta", ""))
+                        data = (await self._next(call)).get("data")
+                        if isinstance(data, dict):  # a stream chunk: {index, delta, finish}
+                            delta, finished, at = data.get("delta", ""), data.get("finish", False), \
+                                data.get("index", index)
+                            if not isinstance(delta, str) or not isinstance(finished, bool):
+                                raise self._bad(node, f"a stream chunk that is not {{index, delta, finish}}: "
+                                                f"{str(data)[:100]!r}")
+                            if at != index or isinstance(at, bool):
+                                raise self._bad(node, f"stream chunk {str(at)[:20]} where {index} was due")
+                            index += 1
+                        elif isinstance(data, str):  # the whole answer
+                            finished, delta = True, data
                         else:
-                            finished, delta = True, str(data)
+                            raise self._bad(node, f"data that is neither text nor a stream chunk: "
+                                            f"{str(data)[:100]!r}")
                         if delta:
+                            tokens, size = tokens + 1, size + len(delta)
+                            if tokens > setup.max_token_len and setup.stream:
+                                raise self._bad(node, f"more than max_token_len={setup.max_token_len} "
+                                                "tokens streamed")
+                            if size > self.max_output:
+                                raise self._bad(node, f"more than {self.max_output} characters of answer")
                             streamed += 1
                             yield delta
                     node.served += 1
@@ -566,6 +611,11 @@ class EdgeBridge:
                         self._stats.broken_streams += 1
                         raise EdgeStreamBroken(message=f"edge node {node.name} died after {streamed} tokens "
                                                "were streamed; not retried") from None
+                    self._stats.retried += 1
+                except EdgeBadReply as exc:
+                    if streamed:
+                        raise
+                    last_error = exc  # tried elsewhere; if there is nowhere else, this is the answer
                     self._stats.retried += 1
                 except StackFlowError as exc:
                     if streamed or exc.code not in _MOVE_ON:

@@ -27,6 +27,8 @@ Errors (all `BusError`s, each carrying its StackFlow ``code``)::
     ├── EdgeBusy              -21 task full: every live node serving the model is full
     ├── EdgeUnavailable       -6: no live node serves the model
     ├── EdgeTimeout           -9: no complete answer within the request's timeout
+    ├── EdgeBadReply          -9: the node answered out of protocol: malformed, out of order, or
+    │                         past the request's bounds (tokens, characters)
     └── EdgeStreamBroken      -11: the node died after tokens were streamed (cannot be retried)
 """
 
@@ -140,6 +142,13 @@ class EdgeTimeout(StackFlowError):
     default_code = ErrorCode.UNIT_CALL
 
 
+class EdgeBadReply(StackFlowError):
+    """A node's reply broke the protocol: not a StackFlow reply, a stream chunk out of order, more
+    tokens than ``max_token_len`` or more text than the bridge accepts (-9)."""
+
+    default_code = ErrorCode.UNIT_CALL
+
+
 class EdgeStreamBroken(StackFlowError):
     """The node died after tokens had been streamed to the caller, so the request was not retried (-11)."""
 
@@ -154,10 +163,11 @@ def error_for(code: int, message: str | None = None, **where: str) -> StackFlowE
 
 def to_handler_signal(exc: StackFlowError) -> HandlerSignal:
     """How a queue handler should end on ``exc``: `RateLimited` for -21 (the limiter backs off),
-    `Retry` for a missing node, a timeout or a broken stream, `Reject` for everything else."""
+    `Retry` for a missing node, a timeout, a broken stream or a misbehaving node (another may serve
+    it), `Reject` for everything else."""
     if exc.code == ErrorCode.TASK_FULL:
         return RateLimited(reason=str(exc))
-    if isinstance(exc, EdgeUnavailable | EdgeTimeout | EdgeStreamBroken):
+    if isinstance(exc, EdgeUnavailable | EdgeTimeout | EdgeStreamBroken | EdgeBadReply):
         return Retry(reason=str(exc))
     return Reject(str(exc))
 
