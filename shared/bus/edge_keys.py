@@ -183,7 +183,12 @@ def create_keys(directory: str | os.PathLike[str], nodes: list[str] | tuple[str,
 
 def _pair(folder: Path, name: str) -> None:
     if not (folder / f"{name}.key_secret").exists():
-        zmq.auth.create_certificates(folder, name)
+        mask = os.umask(0o077)  # the secret file is never readable by others, not even for a moment
+        try:
+            zmq.auth.create_certificates(folder, name)
+        finally:
+            os.umask(mask)
+        (folder / f"{name}.key").chmod(0o644)  # the public key may be read by anyone
     (folder / f"{name}.key_secret").chmod(0o600)
 
 
