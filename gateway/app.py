@@ -19,6 +19,7 @@ from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import SessionHub
 
 from . import errors, logs, rest, services, ws
+from .auth import Admin
 from .limits import BodyLimit, user_limits
 from .live import Live
 from .metrics import Metrics
@@ -163,10 +164,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
 
     @app.get(
-        "/metrics", tags=["ops"], response_class=Response, responses={200: {"content": {"text/plain": {}}}}
+        "/metrics", tags=["ops"], response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, **errors.responses(401, 403)},
     )
-    async def metrics() -> Response:
-        """Prometheus text: sockets, frames, errors, request times, queue depths, rates, latencies."""
+    async def metrics(principal: Admin) -> Response:
+        """Prometheus text: sockets, frames, errors, request times, queue depths, rates, latencies.
+        Admins only (a scraper sends an admin bearer token): queue depths and rates are not public."""
         return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -483,7 +483,7 @@ async def _gateway_stats(bases: list[str], token: str) -> dict[str, Any]:
     return {**total, "attached_each": each}
 
 
-async def _loop_lag(bases: list[str]) -> dict[float, float]:
+async def _loop_lag(bases: list[str], token: str) -> dict[float, float]:
     """The gateways' ``meetmesh_gateway_loop_lag_seconds`` histograms, added up: samples at or
     under each bucket's bound (``inf``: all of them)."""
     import httpx
@@ -492,7 +492,7 @@ async def _loop_lag(bases: list[str]) -> dict[float, float]:
     total: dict[float, float] = {}
     async with httpx.AsyncClient(timeout=30.0) as http:
         for base in bases:
-            r = await http.get(f"{base}/metrics")
+            r = await http.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"})
             r.raise_for_status()
             for family in text_string_to_metric_families(r.text):
                 if family.name != "meetmesh_gateway_loop_lag_seconds":
@@ -705,11 +705,11 @@ async def run(
             await clients_[0].tell({"cmd": "round_trips", "tasks": tasks, "rate": rate, "sockets": subset})
             await clients_[0].read("measuring", 120)
             cpu2 = await _cpu_now(pids, worker.pid, clients_[0].pid, redis_url)
-            lag2 = await _loop_lag(bases)
+            lag2 = await _loop_lag(bases, admin)
             await clients_[0].tell({"cmd": "go"})  # readings taken: now the measured tasks
             await clients_[0].read("measured", 60 + 2 * tasks / rate)
             cpu3 = await _cpu_now(pids, worker.pid, clients_[0].pid, redis_url)
-            lag3 = await _loop_lag(bases)
+            lag3 = await _loop_lag(bases, admin)
             rt = await clients_[0].read("round_trips", 60)
             completed = rt["completed"]
             out["round_trip"] = {

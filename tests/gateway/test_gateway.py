@@ -178,7 +178,8 @@ async def test_admin_endpoints(http: httpx.AsyncClient, token: Token) -> None:
     assert (await http.get("/health")).json()["status"] == "ok"
     ready = await http.get("/ready")
     assert ready.status_code == 200 and ready.json()["checks"] == {"redis": True, "events": True}
-    metrics = (await http.get("/metrics")).text
+    assert (await http.get("/metrics")).status_code == 401  # admins only
+    metrics = (await http.get("/metrics", headers=admin)).text
     assert "meetmesh_gateway_sockets" in metrics and "meetmesh_gateway_request_seconds" in metrics
 
 
