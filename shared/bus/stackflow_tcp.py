@@ -208,7 +208,8 @@ class _TcpLink:
         pass  # StackFlow has no per-request cancel; the unit finishes its answer, which is ignored
 
     async def beat(self) -> None:
-        await self.send({"request_id": "heartbeat", "work_id": "sys", "action": "ping", "object": "None",
+        # taskinfo, not ping: Edge-LLM-Infra's unit manager has no sys ping and answers nothing to it
+        await self.send({"request_id": "heartbeat", "work_id": "llm", "action": "taskinfo", "object": "None",
                          "data": "None"})
 
     def close(self) -> None:
@@ -227,7 +228,8 @@ def _json_object(item: bytes | FramingError) -> dict[str, Any] | None:
 
 class StackFlowBackend:
     """A StackFlow unit manager at ``host:port`` as one node of ``bridge``: attached while connected
-    (pinged every heartbeat through ``sys`` ``ping``), reconnected ``retry`` seconds after a loss."""
+    (asked ``llm`` ``taskinfo`` every heartbeat, which StackFlow answers; it has no ``ping``),
+    reconnected ``retry`` seconds after a loss."""
 
     def __init__(self, bridge: EdgeBridge, host: str, port: int = DEFAULT_PORT, *, models: list[str],
                  capacity: int = 1, name: str | None = None, retry: float = 1.0) -> None:

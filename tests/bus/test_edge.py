@@ -38,9 +38,10 @@ from shared.bus.stackflow import (
     EdgeTimeout,
     EdgeUnavailable,
     ErrorCode,
+    make_reply,
     to_handler_signal,
 )
-from shared.bus.stackflow_tcp import StackFlowServer
+from shared.bus.stackflow_tcp import JsonFramer, StackFlowServer
 
 ROOT = Path(__file__).resolve().parents[2]
 BEAT = 0.3           # the bridge's heartbeat in these tests: a node silent for 3 beats is dropped
@@ -578,6 +579,37 @@ async def test_a_stackflow_unit_manager_over_tcp_is_one_more_node() -> None:
         assert [d async for d in bridge.infer("echo", "a b", stream=False)] == ["a b"]
         await server.close()
         await until(lambda: bridge.nodes() == [], "the closed backend dropped")
+
+
+async def test_a_unit_manager_that_answers_no_ping_stays_attached_while_idle() -> None:
+    """Edge-LLM-Infra's unit manager answers nothing to a sys ping; it does answer llm taskinfo, which
+    is what the bridge asks each beat, so an idle one is not judged dead."""
+    beats: list[dict[str, Any]] = []
+
+    async def unit_manager(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        framer = JsonFramer()
+        while data := await reader.read(65536):
+            for item in framer.feed(data):
+                assert isinstance(item, bytes)
+                request = json.loads(item)
+                if request["action"] == "taskinfo" and request["work_id"] == "llm":
+                    beats.append(request)
+                    reply = make_reply(request["request_id"], "llm", object="llm.tasklist", data=[])
+                    writer.write(json.dumps(reply).encode() + b"\n")
+                    await writer.drain()
+                # anything else: silence, as the framework gives a sys ping
+
+    server = await asyncio.start_server(unit_manager, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with open_bridge() as bridge:
+            await bridge.add_stackflow("127.0.0.1", port, models=["echo"])
+            await bridge.wait_for_nodes(1, model="echo", timeout=WAIT)
+            await until(lambda: len(beats) >= 6, "six beats answered")  # twice `missed` beats
+            assert len(bridge.nodes()) == 1 and bridge.stats().nodes_lost == 0
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_the_edge_node_command_serves_stackflow_tcp_to_a_plain_socket(spawn: Any) -> None:
