@@ -4,9 +4,11 @@ kept in the data folder across restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -26,9 +28,9 @@ from services.common import ServiceSettings
 from services.user.revocation import revoke_tokens
 from shared.bus import ConfigError
 from shared.bus.credentials import KNOWN_DEV_SECRETS, dev_secret, signing_secret
-from shared.bus.up import signing_mode
+from shared.bus.up import READY_LINE, signing_mode
 
-from .conftest import SECRET, auth
+from .conftest import SECRET, auth, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = "/api/v1/tasks/ai.nope"   # needs a token; with a good one it answers 404 (no such task)
@@ -159,3 +161,77 @@ def test_up_outside_dev_mode_needs_the_secret(no_secret: Path, monkeypatch: pyte
     env, note = signing_mode(no_secret)
     assert env == {"MEETMESH_ENV": "production"} and "signed with MEETMESH_JWT_SECRET" in note
     assert not (no_secret / "dev-secret").exists()
+
+
+# -- a real `meetmesh up`, twice --------------------------------------------------------------------
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "shared.bus.cli", *args, cwd=ROOT,
+                                                env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _up(port: int, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, list[str]]:
+    """`meetmesh up` with the gateway and the user service only, once ready."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.bus.cli", "up", "--scale", "meeting=0,media=0,ai=0", "--port-base",
+        str(port), "--grace", "20", "--ready-timeout", "60", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    while not any(line.startswith(READY_LINE) for line in seen):
+        raw = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert raw, "\n".join(seen)
+        seen.append(raw.decode().rstrip())
+    return proc, seen
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.communicate(), 60)
+
+
+@pytest.mark.timeout(180)
+async def test_up_keeps_its_dev_secret_so_tokens_outlive_a_restart(
+    tmp_path: Path, redis_url: str, key_prefix: str, redis: Any
+) -> None:
+    """Run 1: register, and `meetmesh token` in "another shell" (nothing set but the data folder) mints
+    with the kept secret. Run 2 on the same folder: that token still works; deleting the user ends it."""
+    while (port := free_port()) > 65000:
+        pass
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MEETMESH_")}
+    env = {**base, "MEETMESH_REDIS_URL": redis_url, "MEETMESH_KEY_PREFIX": key_prefix,
+           "MEETMESH_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    gateway = f"http://127.0.0.1:{port}/api/v1"
+    proc, seen = await _up(port, env)
+    try:
+        assert any("MEETMESH_ENV=dev (development mode" in line and "made in" in line for line in seen)
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(f"{gateway}/auth/register", json={"username": "alice", "password": "p" * 12})
+            assert r.status_code == 201, r.text
+            alice = r.json()["user"]
+            code, out, err = await _cli("token", "--user", "alice", env=env)
+            assert code == 0 and "development secret in" in err, err
+            token = out.strip()
+            assert verify((tmp_path / "dev-secret").read_text().strip(), token).user == alice["id"]
+            assert (await http.get(f"{gateway}/users/me", headers=auth(token))).status_code == 200
+    finally:
+        await _stop(proc)
+    assert proc.returncode == 0
+    proc, seen = await _up(port, env)
+    try:
+        assert any("development secret kept in" in line for line in seen), "\n".join(seen)
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.get(f"{gateway}/users/me", headers=auth(token))   # run 1's token
+            assert r.status_code == 200 and r.json()["id"] == alice["id"], r.text
+            code, out, err = await _cli("user", "delete", "alice", "--yes", env=env)
+            assert code == 0 and out.startswith("deleted alice"), err
+            r = await http.get(f"{gateway}/users/me", headers=auth(token))
+            assert r.status_code == 401 and "revoked" in r.json()["error"]["message"], r.text
+    finally:
+        await _stop(proc)
