@@ -40,7 +40,7 @@ async def ensure_redis(url: str, *, configured: bool, quiet: bool = False) -> tu
     except BusConnectionError as exc:
         if configured:
             raise BusConnectionError(
-                f"no Redis answers at MEETMESH_REDIS_URL={redact_url(url)} ({exc.__cause__ or exc}); "
+                f"cannot connect to Redis at MEETMESH_REDIS_URL={redact_url(url)} ({exc.__cause__ or exc}); "
                 "fix the URL or start that Redis (a private Redis is only started when no URL is "
                 "configured)") from exc
     binary = shutil.which("redis-server")
