@@ -101,7 +101,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Submit tasks to MeetMesh's services and watch them live (REST, SSE, WebSocket "
-        '`/ws?token=JWT`). Every error answers `{"error": {"code", "message"}}`.',
+        "`/ws`). REST takes the JWT as `Authorization: Bearer <JWT>`. `/ws` takes it, preferred first, "
+        "as `Sec-WebSocket-Protocol: bearer, <JWT>` (the answer names only `bearer`), as a first frame "
+        '`{"type": "auth", "token": "<JWT>"}` within 5 s, or as `/ws?token=<JWT>` (older clients only: '
+        "a URL reaches proxies' logs). "
+        'Every error answers `{"error": {"code", "message"}}`.',
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -81,7 +81,8 @@ async def _open(url: str, token: str, errors: dict[str, int]) -> Any:
         ws = None
         try:
             ws = await connect(
-                f"{url}?token={token}", ping_interval=None, open_timeout=60, close_timeout=5, max_size=8 << 20
+                url, subprotocols=["bearer", token],  # type: ignore[list-item]  # the token never in a URL
+                ping_interval=None, open_timeout=60, close_timeout=5, max_size=8 << 20
             )  # compression: deflate offered, as browsers do
             frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
             if frame.get("type") == "welcome":
@@ -458,7 +459,7 @@ async def _warm_up(ws_url: str, token: str) -> None:
     """One socket, one task through the whole path: the worker is up and the relay reads."""
     from websockets.asyncio.client import connect
 
-    async with connect(f"{ws_url}?token={token}", ping_interval=None) as ws:
+    async with connect(ws_url, subprotocols=["bearer", token], ping_interval=None) as ws:  # type: ignore[list-item]
         assert json.loads(await ws.recv())["type"] == "welcome"
         await ws.send(json.dumps({"type": "submit", "id": "warm", "task": TASK_TYPE, "data": {}}))
         async with asyncio.timeout(60):

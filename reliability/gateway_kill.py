@@ -124,7 +124,8 @@ class _Client:
         self._count = 0
 
     async def open(self, url: str) -> ClientConnection:
-        ws = await connect(f"{url}?token={self.token}", open_timeout=30, ping_interval=None)
+        ws = await connect(url, subprotocols=["bearer", self.token],  # type: ignore[list-item]
+                           open_timeout=30, ping_interval=None)
         welcome = json.loads(await asyncio.wait_for(ws.recv(), 30))
         if welcome.get("type") != "welcome":
             raise RuntimeError(f"client {self.n}: first frame {welcome}")

@@ -44,6 +44,7 @@ from shared.bus import (
     connect,
     make_event,
 )
+from shared.bus.redact import install as install_redaction
 
 from .api import service_app
 from .db import Database
@@ -251,6 +252,7 @@ class Service:
                                f"(MEETMESH_{self.name.upper()}_PORT): {exc.strerror or exc}") from exc
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=5)
+        install_redaction(secrets=[self.settings.jwt_secret])  # again: uvicorn's Config set up its loggers
         server = self._server = _Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name=f"{self.name}-http")
         self._tasks["http"] = task
@@ -346,6 +348,7 @@ def main(name: str, *, port: int | None = None) -> None:
         settings = ServiceSettings.load()
         logging.basicConfig(level=settings.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        install_redaction(secrets=[settings.jwt_secret])  # no token or secret in any log line
         service = load(name)(settings)
         if port is not None:
             service.port = port

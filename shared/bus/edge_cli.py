@@ -41,6 +41,9 @@ def edge_node_cmd(
 
     logging.basicConfig(level=BusSettings.load().log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .redact import install
+
+    install()  # no token or secret in any log line
 
     def ready(node: EdgeNode) -> None:
         info = {"name": node.name, "models": sorted(node.units.models), "capacity": node.units.capacity,

@@ -143,7 +143,7 @@ async def follow(gateway: str, token: str, body: dict[str, Any], *, as_json: boo
     import websockets
     from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-    ws_url = gateway.rstrip("/").replace("http", "ws", 1) + f"/ws?token={token}"
+    ws_url = gateway.rstrip("/").replace("http", "ws", 1) + "/ws"  # the token in a header, never the URL
     frame_out = {"type": "submit", "id": SUBMIT_ID, "task": body["type"],
                  **{k: v for k, v in body.items() if k != "type"}}
     display = Display(body["type"])
@@ -155,7 +155,8 @@ async def follow(gateway: str, token: str, body: dict[str, Any], *, as_json: boo
     try:
         if live is not None:
             live.start()
-        async with websockets.connect(ws_url, max_size=8 << 20) as ws:
+        async with websockets.connect(ws_url, subprotocols=["bearer", token],  # type: ignore[list-item]
+                                      max_size=8 << 20) as ws:
             await ws.send(json.dumps(frame_out))
             async for raw in ws:
                 frame = json.loads(raw)

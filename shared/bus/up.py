@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import ConfigError
+from .redact import redact
 
 SERVICES = ("user", "meeting", "media", "ai")
 DEFAULT_PORT_BASE = 8000
@@ -47,6 +48,7 @@ EDGE_BRIDGE_PORT = 5555
 STACKFLOW_PORT = 10001
 EDGE_KEYS_DIR = "edge-keys"  # in the data folder: the CURVE keys of the bridges and edge nodes
 READY_LINE = "meetmesh up: ready"
+REDACTED_BY_UP = "[redacted by up]"  # a token or secret a child printed outside its (redacting) logging
 # A child that stops on our SIGTERM/SIGINT may exit 0 or re-raise the signal (uvicorn does)
 CLEAN_EXITS = frozenset({0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT})
 COLOURS = ("cyan", "green", "magenta", "yellow", "blue", "bright_red", "bright_cyan", "bright_green",
@@ -299,7 +301,7 @@ class Supervisor:
 
     def say(self, message: str, style: str = "bold") -> None:
         """A line of the supervisor's own, prefixed ``up``."""
-        self._line("up", "bold white", message, style)
+        self._line("up", "bold white", redact(message), style)
 
     def _line(self, name: str, colour: str, line: str, style: str = "") -> None:
         text = Text.assemble((f"{name:<{self.width}} | ", colour), (line, style))
@@ -316,7 +318,8 @@ class Supervisor:
                 raw = b"[... a very long line, cut ...]\n"
             if not raw:
                 return
-            line = raw.decode(errors="replace").rstrip("\r\n")
+            # A child's own logging redacts tokens and secrets; anything else it prints is caught here.
+            line = redact(raw.decode(errors="replace").rstrip("\r\n"), REDACTED_BY_UP)
             self._line(child.proc.name, child.colour, line)
             if child.proc.ready_line and child.proc.ready_line in line:
                 child.printed.set()
@@ -583,6 +586,10 @@ def up_cmd(
         mode_env, mode_note = signing_mode(folder)
     except ConfigError as exc:
         sys.exit(f"meetmesh up: {exc}")
+    from .credentials import find_dev_secret
+    from .redact import install
+
+    install(secrets=[find_dev_secret(folder)])  # up's own records, tracebacks and children's lines
     console.print(f"meetmesh up: {mode_note}", highlight=False, soft_wrap=True)
 
     async def main() -> int:
