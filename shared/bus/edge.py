@@ -1,53 +1,41 @@
 """The edge inference bridge: StackFlow LLM nodes that come and go, made into one reliable pool.
 
-Nodes connect a ZeroMQ DEALER to the bridge's ROUTER (frames: `stackflow`); a StackFlow unit
-manager reached over TCP joins the same pool (`EdgeBridge.add_stackflow`).
+Nodes connect a ZeroMQ DEALER to the bridge's ROUTER (`edge_router`; frames: `stackflow`); a
+StackFlow unit manager reached over TCP joins the same pool (`EdgeBridge.add_stackflow`). Either
+transport hands the bridge its nodes through `attach`, `deliver` and `detach`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
 import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import zmq
-from pydantic import BaseModel, Field, ValidationError
-from zmq.auth.asyncio import AsyncioAuthenticator
-from zmq.utils.monitor import parse_monitor_message
-
-from .edge_keys import LOG_EVERY, BridgeKeys, CurveOption, bridge_keys, curve_server, start_authenticator
-from .errors import BusConnectionError, ConfigError
+from .edge_keys import BridgeKeys, CurveOption, bridge_keys
+from .errors import ConfigError
 from .stackflow import (
-    BEAT,
-    BYE,
-    CANCEL,
-    MESSAGE,
-    REGISTER,
     STREAM_FORMAT,
     TEXT_FORMAT,
     UNIT,
-    UNKNOWN,
-    WELCOME,
     EdgeBadReply,
     EdgeBusy,
     EdgeStreamBroken,
     EdgeTimeout,
     EdgeUnavailable,
     ErrorCode,
-    FrameSocket,
     SetupData,
     StackFlowError,
     Template,
-    dumps,
     error_for,
 )
+
+if TYPE_CHECKING:
+    from .edge_router import RouterTransport
 
 log = logging.getLogger("meetmesh.edge")
 
@@ -74,12 +62,6 @@ class NodeLink(Protocol):
     def close(self) -> None:
         """The bridge dropped the node: release the connection."""
         ...
-
-
-class _Registration(BaseModel):
-    name: str = Field(min_length=1)
-    models: list[str] = Field(min_length=1)
-    capacity: int = Field(ge=1)
 
 
 @dataclass
@@ -152,24 +134,6 @@ _LOST = object()     # put in a call's queue when its node is dropped
 _EXPIRED = object()  # ... when its deadline passes
 
 
-class _RouterLink:
-    def __init__(self, bridge: EdgeBridge, identity: bytes) -> None:
-        self.bridge, self.identity = bridge, identity
-
-    async def send(self, message: dict[str, Any]) -> None:
-        self.bridge._frames(self.identity, MESSAGE, dumps(message))
-
-    async def cancel(self, request_id: str) -> None:
-        with contextlib.suppress(LinkDown):
-            self.bridge._frames(self.identity, CANCEL, request_id.encode())
-
-    async def beat(self) -> None:
-        self.bridge._frames(self.identity, BEAT, b"")
-
-    def close(self) -> None:
-        pass  # the node hears nothing more; its next message gets b"?"
-
-
 class EdgeBridge:
     """The AI service's way to the edge LLM nodes.
 
@@ -205,9 +169,6 @@ class EdgeBridge:
         self.endpoint = bind
         self.curve = curve
         self.keys: BridgeKeys | None = None  # once started: the CURVE keys in use (None: plain)
-        self._auth: AsyncioAuthenticator | None = None
-        self._monitor: FrameSocket | None = None
-        self._refusal_logged = -LOG_EVERY
         self._stats = EdgeStats()
         self._nodes: dict[bytes, _Node] = {}
         self._calls: dict[str, _Call] = {}
@@ -215,8 +176,7 @@ class EdgeBridge:
         self._prefix = f"mm{uuid.uuid4().hex[:6]}-"
         self._picks = itertools.count(1)
         self._changed = asyncio.Event()
-        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._sock: FrameSocket | None = None
+        self._router: RouterTransport | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -224,6 +184,8 @@ class EdgeBridge:
     async def start(self) -> EdgeBridge:
         """Bind and start serving nodes: `ConfigError` without CURVE keys outside development mode
         (see `edge_keys`), `BusConnectionError` if the address is taken."""
+        from .edge_router import RouterTransport
+
         if self.curve == "env":
             self.keys = bridge_keys()
         elif self.curve == "off":
@@ -231,69 +193,24 @@ class EdgeBridge:
                         "is taken for a node", self.bind)
         else:
             self.keys = self.curve
-        self._context = zmq.Context()
-        if self.keys is not None:  # the ZAP handler first: without one, libzmq lets every key in
-            self._auth = start_authenticator(self._context, self.keys)
-        sock = self._context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)  # a node sending more is disconnected
-        if self.keys is not None:
-            curve_server(sock, self.keys)
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                                              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-            self._monitor = FrameSocket(monitor, self._handshake_failed)
-        try:
-            sock.bind(self.bind)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            self._stop_security()
-            self._context.term()
-            raise BusConnectionError(f"edge bridge cannot bind {self.bind}: {exc}") from exc
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sock = FrameSocket(sock, self._receive)
+        router = RouterTransport(self, self.bind, keys=self.keys, max_frame=self.max_frame)
+        self.endpoint = router.start()
+        self._router = router
         self._tasks = [asyncio.create_task(self._heartbeats())]
         log.info("edge bridge at %s (%s)", self.endpoint, "CURVE, nodes' keys from "
                  f"{self.keys.allowed_dir}" if self.keys else "plain: no CURVE")
         return self
-
-    def _handshake_failed(self, frames: list[bytes]) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._refusal_logged < LOG_EVERY:  # a refused peer retries many times a second
-            return
-        with contextlib.suppress(Exception):
-            event = parse_monitor_message(frames)
-            self._refusal_logged = now
-            log.warning("edge bridge refused a connection to %s: handshake failed (%s: not a CURVE "
-                        "client of this bridge?)", event["endpoint"].decode(errors="replace"),
-                        zmq.Event(event["event"]).name)
-
-    def _stop_security(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
 
     async def close(self) -> None:
         """Drop every node (failing what is in flight) and close the socket."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        sock, self._sock = self._sock, None
+        router, self._router = self._router, None
         for node in list(self._nodes.values()):
             self._lose(node, "bridge closed")
-        if sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.sock.disable_monitor()
-            sock.close()
-        self._stop_security()
-        if self._context is not None:
-            self._context.term()
-        self._context = None
+        if router is not None:
+            router.close()
 
     async def __aenter__(self) -> EdgeBridge:
         return await self.start()
@@ -313,6 +230,10 @@ class EdgeBridge:
         self._stats.nodes_joined += 1
         self._changed.set()
         log.info("edge node %s joined: models %s, capacity %d (%s)", name, models, capacity, transport)
+
+    def knows(self, key: bytes) -> bool:
+        """Whether a live node has this key."""
+        return key in self._nodes
 
     def detach(self, key: bytes, reason: str) -> None:
         """Drop a node: its requests in flight are retried elsewhere or failed."""
@@ -336,7 +257,7 @@ class EdgeBridge:
             return
         node.alive = False
         self._stats.nodes_lost += 1
-        quiet = self._sock is None or reason == "left"
+        quiet = self._router is None or reason == "left"
         log.log(logging.INFO if quiet else logging.WARNING, "edge node %s dropped: %s "
                 "(%d requests in flight)", node.name, reason, len(node.calls))
         for request_id in node.calls:
@@ -368,47 +289,6 @@ class EdgeBridge:
     def stats(self) -> EdgeStats:
         """Counters and live nodes, now."""
         return EdgeStats(**{**self._stats.__dict__, "nodes": self.nodes()})
-
-    # -- the ZeroMQ side -----------------------------------------------------------------------
-
-    def _frames(self, identity: bytes, kind: bytes, payload: bytes) -> None:
-        if self._sock is None:
-            raise LinkDown("bridge closed")
-        try:
-            self._sock.send([identity, kind + payload])
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone), EAGAIN (not reading: its queue is full)
-            raise LinkDown(str(exc)) from exc
-
-    def _receive(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            log.warning("refused a message of %d frames (expected identity + one)", len(frames))
-            return
-        identity, kind, payload = frames[0], frames[1][:1], frames[1][1:]
-        try:
-            if kind == REGISTER:
-                self._register(identity, payload)
-            elif identity not in self._nodes:
-                if kind != BYE:
-                    self._frames(identity, UNKNOWN, b"")
-            elif kind == MESSAGE:
-                self.deliver(identity, json.loads(payload))
-            elif kind == BYE:
-                self.detach(identity, "left")
-            else:
-                self.deliver(identity, {})
-        except (ValueError, TypeError, AttributeError, LinkDown) as exc:
-            log.warning("bad %r frame from %r: %s", kind, identity, exc)
-
-    def _register(self, identity: bytes, payload: bytes) -> None:
-        try:
-            reg = _Registration.model_validate_json(payload)
-        except ValidationError as exc:
-            log.warning("refused registration from %r: %s", identity, exc)
-            return
-        self.attach(identity, _RouterLink(self, identity), name=reg.name, models=reg.models,
-                    capacity=reg.capacity, transport="zmq")
-        with contextlib.suppress(LinkDown):
-            self._frames(identity, WELCOME, dumps({"heartbeat": self.heartbeat}))
 
     async def _heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
