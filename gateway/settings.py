@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from shared.bus import BusSettings
-from shared.bus.credentials import SecretFiles, check_secret
+from shared.bus.credentials import SecretFiles, check_secret, is_dev
 
 
 class GatewaySettings(BusSettings):
@@ -20,7 +19,7 @@ class GatewaySettings(BusSettings):
     folder's development secret (``MEETMESH_DATA_DIR``/dev-secret; `shared.bus.credentials`).
     """
 
-    env: Literal["dev", "production"] = Field(default="production", description="dev: development mode")
+    env: str = Field(default="production", description="dev: development mode; anything else: production")
     data_dir: Path = Path(".meetmesh")
     jwt_secret: str = Field(default="", validate_default=True, repr=False)
     token_ttl: float = Field(default=24 * 3600.0, gt=0)
@@ -44,7 +43,7 @@ class GatewaySettings(BusSettings):
     @field_validator("jwt_secret")
     @classmethod
     def _strong_secret(cls, value: str, info: ValidationInfo) -> str:
-        return check_secret(value, "MEETMESH_JWT_SECRET", dev=info.data.get("env") == "dev",
+        return check_secret(value, "MEETMESH_JWT_SECRET", dev=is_dev(info.data.get("env")),
                             folder=info.data.get("data_dir"))
 
     @classmethod

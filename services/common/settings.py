@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from shared.bus import BusSettings, ConfigError
-from shared.bus.credentials import SecretFiles, check_secret
+from shared.bus.credentials import SecretFiles, check_secret, is_dev
 
 log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"user": 8101, "meeting": 8102, "media": 8103, "ai": 8104}
@@ -30,7 +29,7 @@ class ServiceSettings(BusSettings):
     development secret (``<MEETMESH_DATA_DIR>/dev-secret``; `shared.bus.credentials`).
     """
 
-    env: Literal["dev", "production"] = Field(default="production", description="dev: development mode")
+    env: str = Field(default="production", description="dev: development mode; anything else: production")
     data_dir: Path = Path(".meetmesh")
     database_url: str | None = None
     database_schema: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
@@ -58,7 +57,7 @@ class ServiceSettings(BusSettings):
     @field_validator("jwt_secret")
     @classmethod
     def _strong_secret(cls, value: str, info: ValidationInfo) -> str:
-        return check_secret(value, "MEETMESH_JWT_SECRET", dev=info.data.get("env") == "dev",
+        return check_secret(value, "MEETMESH_JWT_SECRET", dev=is_dev(info.data.get("env")),
                             folder=info.data.get("data_dir"))
 
     @classmethod

@@ -39,10 +39,16 @@ DEFAULT_DATA_DIR = ".meetmesh"
 KNOWN_DEV_SECRETS = frozenset({"meetmesh-development-secret-change-me-now"})
 
 
+def is_dev(value: object) -> bool:
+    """Whether a ``MEETMESH_ENV`` value means development mode (``dev``, any case); anything else
+    is production, where secrets are required."""
+    return isinstance(value, str) and value.strip().lower() == DEV
+
+
 def dev_mode(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``MEETMESH_ENV=dev`` (development mode) is set."""
     env = os.environ if environ is None else environ
-    return env.get(ENV_VARIABLE, "").strip().lower() == DEV
+    return is_dev(env.get(ENV_VARIABLE, ""))
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:

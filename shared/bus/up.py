@@ -484,13 +484,13 @@ def signing_mode(folder: Path, environ: Mapping[str, str] | None = None) -> tupl
     folder's development secret, ``<folder>/dev-secret`` (mode 0600), made on the first run and kept,
     so tokens stay valid across restarts and ``meetmesh token``/``submit`` in another shell find it.
     Any other mode needs the secret configured (`ConfigError` otherwise)."""
-    from .credentials import DEV, ENV_VARIABLE, dev_secret, dev_secret_path, secret_from_env
+    from .credentials import DEV, ENV_VARIABLE, dev_secret, dev_secret_path, is_dev, secret_from_env
 
     env = os.environ if environ is None else environ
     mode = env.get(ENV_VARIABLE) or DEV
     if secret_from_env("MEETMESH_JWT_SECRET", env) is not None:
         return {ENV_VARIABLE: mode}, f"{ENV_VARIABLE}={mode}; tokens are signed with MEETMESH_JWT_SECRET"
-    if mode != DEV:
+    if not is_dev(mode):
         raise ConfigError(f"{ENV_VARIABLE}={mode} needs MEETMESH_JWT_SECRET (or MEETMESH_JWT_SECRET_FILE): "
                           f"set one, or run in development mode ({ENV_VARIABLE}={DEV}, the default of `up`)")
     path = dev_secret_path(folder)

@@ -99,7 +99,10 @@ def test_no_secret_outside_dev_mode_is_a_start_up_error_naming_it(no_secret: Pat
             with pytest.raises(ValidationError, match="published development value"):
                 settings(jwt_secret=known)
         assert settings(jwt_secret="x" * 32).jwt_secret == "x" * 32
+        with pytest.raises(ValidationError, match="not set"):   # any mode but dev is production
+            settings(env="staging")
     assert not (no_secret / "dev-secret").exists()   # nothing was made outside dev mode
+    assert GatewaySettings(env=" DEV ").jwt_secret == (no_secret / "dev-secret").read_text().strip()
 
 
 def test_meetmesh_gateway_without_a_secret_exits_with_one_line(no_secret: Path) -> None:
