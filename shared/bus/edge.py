@@ -115,6 +115,7 @@ class _Node:
     served: int = 0
     picked: int = 0
     alive: bool = True
+    beating: asyncio.Task[None] | None = None
     calls: set[str] = field(default_factory=set)
     units: OrderedDict[SetupData, _Unit] = field(default_factory=OrderedDict)
 
@@ -262,6 +263,8 @@ class EdgeBridge:
                 "(%d requests in flight)", node.name, reason, len(node.calls))
         for request_id in node.calls:
             self._calls[request_id].queue.put_nowait(_LOST)
+        if node.beating is not None and node.beating is not asyncio.current_task():
+            node.beating.cancel()
         node.link.close()
         self._changed.set()
 
@@ -302,11 +305,15 @@ class EdgeBridge:
             for node in list(self._nodes.values()):
                 if now - node.last_seen > self.heartbeat * self.missed:
                     self._lose(node, f"missed {self.missed} heartbeats")
-                elif beat:
-                    try:
-                        await node.link.beat()
-                    except LinkDown as exc:
-                        self._lose(node, f"unreachable: {exc}")
+                elif beat and (node.beating is None or node.beating.done()):
+                    # a task each: a link slow to take its beat (TCP) delays no other node's
+                    node.beating = asyncio.create_task(self._beat(node))
+
+    async def _beat(self, node: _Node) -> None:
+        try:
+            await node.link.beat()
+        except LinkDown as exc:
+            self._lose(node, f"unreachable: {exc}")
 
     async def add_stackflow(self, host: str, port: int = 10001, *, models: list[str], capacity: int = 1,
                             name: str | None = None) -> None:

@@ -10,7 +10,6 @@ unit manager at ``host:port`` (10001 by default) as one more node of its pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -29,6 +28,7 @@ log = logging.getLogger("meetmesh.edge.tcp")
 DEFAULT_PORT = 10001
 MAX_OBJECT = 1 << 20  # bytes; a longer object is answered with -2 and the connection closed
 READ_SIZE = 1 << 16
+WRITE_TIMEOUT = 30.0  # seconds a client may leave replies unread before it is disconnected
 _connections = itertools.count(1)
 _OPEN, _CLOSE, _QUOTE, _ESCAPE = ord("{"), ord("}"), ord('"'), ord("\\")
 _NOT_SPACE = re.compile(rb"[^ \t\r\n]")
@@ -128,10 +128,14 @@ class UnitHandler(Protocol):
 class StackFlowServer:
     """Serves ``units`` to StackFlow TCP clients at ``host:port`` (port 0: any free port, see `port`).
 
-    Each connection is one origin: when it closes, the inferences it started are stopped."""
+    Each connection is one origin: when it closes, the inferences it started are stopped. A client
+    that stops reading for ``write_timeout`` seconds while replies wait for it is disconnected (its
+    inferences would otherwise hold the node's capacity for ever)."""
 
-    def __init__(self, units: UnitHandler, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    def __init__(self, units: UnitHandler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         self.units, self.host, self.port = units, host, port
+        self.write_timeout = write_timeout
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -165,8 +169,14 @@ class StackFlowServer:
             if writer.is_closing():
                 return  # the client left; its inferences are being stopped
             writer.write(dumps(reply) + b"\n")
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+            try:
+                await asyncio.wait_for(writer.drain(), self.write_timeout)
+            except ConnectionError:
+                pass
+            except TimeoutError:
+                log.warning("StackFlow client %s read nothing for %.0fs: disconnected", origin,
+                            self.write_timeout)
+                writer.transport.abort()  # the read loop ends, and stops the client's inferences
 
         framer = JsonFramer()
         try:
@@ -192,17 +202,20 @@ class StackFlowServer:
 class _TcpLink:
     """The bridge's side of one connection to a StackFlow unit manager."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, writer: asyncio.StreamWriter, write_timeout: float) -> None:
+        self.writer, self.write_timeout = writer, write_timeout
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.writer.is_closing():
             raise LinkDown("connection closed")
         self.writer.write(dumps(message) + b"\n")
         try:
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), self.write_timeout)
         except ConnectionError as exc:
             raise LinkDown(str(exc)) from exc
+        except TimeoutError:
+            self.writer.transport.abort()
+            raise LinkDown(f"the unit manager read nothing for {self.write_timeout:.0f}s") from None
 
     async def cancel(self, request_id: str) -> None:
         pass  # StackFlow has no per-request cancel; the unit finishes its answer, which is ignored
@@ -248,7 +261,8 @@ class StackFlowBackend:
                 log.debug("StackFlow backend %s:%d unreachable: %s", self.host, self.port, exc)
                 await asyncio.sleep(self.retry)
                 continue
-            self.bridge.attach(self.key, _TcpLink(writer), name=self.name, models=self.models,
+            write_timeout = self.bridge.heartbeat * self.bridge.missed  # as long as a silence may last
+            self.bridge.attach(self.key, _TcpLink(writer, write_timeout), name=self.name, models=self.models,
                                capacity=self.capacity, transport="stackflow")
             framer = JsonFramer()
             try:

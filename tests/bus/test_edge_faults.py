@@ -25,11 +25,13 @@ from shared.bus.stackflow import (
     EdgeBadReply,
     EdgeStreamBroken,
     EdgeTimeout,
+    EdgeUnavailable,
     ErrorCode,
     make_reply,
     stream_data,
     to_handler_signal,
 )
+from shared.bus.stackflow_tcp import StackFlowServer
 
 BEAT = 0.3
 WAIT = 20.0
@@ -235,3 +237,69 @@ async def test_a_node_that_dies_mid_stream_fails_the_stream_clearly() -> None:
             async for delta in bridge.infer("echo", "the agenda"):
                 received.append(delta)
         assert received == ["last words "] and bridge.nodes() == []
+
+
+# -- peers that stop reading ------------------------------------------------------------------------
+
+class FloodModel:
+    """Answers with large tokens, as fast as they can be taken."""
+
+    name = "echo"
+
+    def render(self, messages: Any) -> str:
+        return "flood"
+
+    async def stream(self, prompt: str, *, max_tokens: int) -> AsyncIterator[str]:
+        for _ in range(max_tokens):
+            yield "x" * 4096
+            await asyncio.sleep(0)
+
+
+async def test_a_stackflow_client_that_stops_reading_is_cut_off_and_frees_the_node() -> None:
+    units = EdgeUnits([FloodModel()], capacity=1)
+    server = StackFlowServer(units, "127.0.0.1", 0, write_timeout=0.5)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        setup = {"request_id": "s", "work_id": "llm", "action": "setup", "object": "llm.setup",
+                 "data": {"model": "echo", "response_format": "llm.utf-8.stream", "max_token_len": 32768}}
+        writer.write(json.dumps(setup).encode())
+        work_id = json.loads(await reader.readline())["work_id"]
+        writer.write(json.dumps({"request_id": "i", "work_id": work_id, "action": "inference",
+                                 "object": "llm.utf-8", "data": "go"}).encode())
+        await until(lambda: units.running == 1, "the flood started")
+        # ... and this client reads nothing more: its replies pile up until it is cut off
+        await until(lambda: units.running == 0, "the stalled client's inference stopped")
+        with contextlib.suppress(ConnectionError):  # the node closed the connection: EOF or a reset
+            while await reader.read(1 << 20):
+                pass
+        writer.close()
+        r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)  # the node serves others
+        w2.write(json.dumps({**setup, "request_id": "s2"}).encode())
+        assert json.loads(await r2.readline())["error"]["code"] == 0
+        w2.close()
+    finally:
+        await server.close()
+        await units.close()
+
+
+async def test_a_unit_manager_that_stops_reading_is_dropped_and_the_request_fails_clearly() -> None:
+    connected = asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await asyncio.sleep(3600)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with EdgeBridge("tcp://127.0.0.1:*", heartbeat=BEAT, request_timeout=WAIT,
+                              curve="off") as bridge:
+            await bridge.add_stackflow("127.0.0.1", port, models=["echo"])
+            await bridge.wait_for_nodes(1, model="echo", timeout=WAIT)
+            with pytest.raises(EdgeUnavailable):  # 16 MB it never reads: the send stalls, the node
+                await bridge.complete("echo", "x" * (16 << 20))  # is dropped, none is left
+            assert bridge.stats().nodes_lost >= 1 and connected.is_set()
+    finally:
+        server.close()
+        await server.wait_closed()
