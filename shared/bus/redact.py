@@ -41,16 +41,18 @@ LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "we
 MIN_SECRET_CHARS = 8  # a shorter literal would redact ordinary words; patterns still apply
 # variables holding a secret (or, with _FILE, naming the file that holds one)
 _SECRET_NAMES = re.compile(r"^(MEETMESH_\w*(SECRET|PASSWORD)|MEETMESH_TOKEN)(_FILE)?$", re.IGNORECASE)
+# A value already redacted (``token=[redacted]``) is left alone: `meetmesh up` redacts what it relays
+# again, and must show that the child's own logging did it.
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # a query or form value: ?token=..., &access_token=..., password=...
-    (re.compile(r"(?i)\b((?:access_|refresh_|id_)?token|jwt|secret|password|api_key)=[^&\s\"'#;,]+"),
+    (re.compile(r"(?i)\b((?:access_|refresh_|id_)?token|jwt|secret|password|api_key)=(?!\[)[^&\s\"'#;,]+"),
      r"\1={R}"),
     # Authorization: Bearer ..., and the subprotocol form "bearer, <token>"
     (re.compile(r"(?i)\b(bearer[\s,]+)[A-Za-z0-9._~+/=-]{8,}"), r"\1{R}"),
     # a JWT anywhere (header.payload.signature, the header base64url JSON: "eyJ")
     (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "{R}"),
     # a URL's password: scheme://user:password@host (redis://:pw@host too)
-    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+@"), r"\1{R}@"),
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)(?!\[)[^\s/@]+@"), r"\1{R}@"),
 )
 _secrets: set[str] = set()
 _lock = threading.Lock()

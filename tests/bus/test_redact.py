@@ -27,6 +27,7 @@ def test_patterns_hide_tokens_bearer_values_jwts_and_url_passwords() -> None:
     assert "/ws?token=[redacted]&x=1" in cleaned and "Bearer [redacted]" in cleaned
     assert "redis://:[redacted]@127.0.0.1:6379/0" in cleaned and "amqp://guest:[redacted]@h/" in cleaned
     assert redact("x?token=abc", "[gone]") == "x?token=[gone]"
+    assert redact(cleaned, "[again]") == cleaned   # what is redacted stays as it was (up relays it)
     ordinary = "GET /api/v1/tasks/ai.x 200 in 0.2 s; redis://127.0.0.1:6379/9; user alice"
     assert redact(ordinary) == ordinary   # nothing else is touched
 

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,8 @@ class Mesh:
     url: str
     output: list[str]
     model: str
+    env: dict[str, str] = field(default_factory=dict)   # what `up` was started with (its secret too)
+    proc: asyncio.subprocess.Process | None = None       # `up` itself
 
     @property
     def ws(self) -> str:
@@ -148,7 +150,7 @@ async def mesh(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, k
             w.cancel()
         if not ready.is_set():
             pytest.fail("meetmesh up did not get ready:\n" + "\n".join(output[-80:]))
-        yield Mesh(f"http://127.0.0.1:{base}", output, "smollm2-135m-instruct" if real else "echo")
+        yield Mesh(f"http://127.0.0.1:{base}", output, "smollm2-135m-instruct" if real else "echo", env, proc)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
