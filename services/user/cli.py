@@ -36,7 +36,8 @@ def settings_for_tools(secret: str | None = None) -> ServiceSettings:
         sys.exit(f"meetmesh: {exc}")
 
 
-def run_on_store(fn: Callable[[UserStore], Awaitable[T]], secret: str | None = None) -> T:
+def run_on_store(fn: Callable[[UserStore], Awaitable[T]], secret: str | None = None, *,
+                 command: str = "user") -> T:
     """``fn(store)`` on the user store; a missing user or an unreachable store is one line, exit 1."""
     from services.common import ServiceError
     from shared.bus.cli import run
@@ -52,7 +53,7 @@ def run_on_store(fn: Callable[[UserStore], Awaitable[T]], secret: str | None = N
     try:
         return run(main)
     except ServiceError as exc:
-        sys.exit(f"meetmesh: {exc.message}")
+        sys.exit(f"meetmesh {command}: {exc.message}")
 
 
 def _show(what: str, user: UserOut, as_json: bool) -> None:
@@ -98,7 +99,7 @@ def mint_for_user(name: str, ttl: float | None = None, *, command: str = "token"
     secret, where = found
     if where != "MEETMESH_JWT_SECRET":
         typer.echo(f"meetmesh {command}: signing with the development secret in {where}", err=True)
-    return run_on_store(lambda store: store.token(name, ttl=ttl), secret).access_token
+    return run_on_store(lambda store: store.token(name, ttl=ttl), secret, command=command).access_token
 
 
 def register(cli: typer.Typer) -> None:
