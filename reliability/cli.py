@@ -116,3 +116,22 @@ def broker(
     config = BrokerConfig(modes=tuple(mode or ("graceful", "kill")), rate=rate, down=down, warm=warm)
     summary = _run(run_broker(config, progress=_progress(as_json)))
     show("chaos broker", summary.as_dict(), as_json)
+
+
+@app.command("fuzz-ws")
+def fuzz_ws(
+    frames: Annotated[int, typer.Option(min=25, help="Bad frames to send in all.")] = 10_000,
+    sockets: Annotated[int, typer.Option(min=1, help="Fuzzing sockets, one user each.")] = 20,
+    max_frame_bytes: Annotated[int, typer.Option(
+        min=1024, help="The gateway's MEETMESH_MAX_FRAME_BYTES for the run.")] = 64 * 1024,
+    seed: Annotated[int, typer.Option(help="Random seed (which frames, in which order).")] = 14,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fuzz a gateway's WebSocket: malformed, oversize, deeply nested, binary, out-of-order and flood
+    frames over many sockets; reports frames tried, error frames by code, closes by code, failures
+    (must be 0), the control client's slowest ping and whether the gateway kept its PID."""
+    from .ws_fuzz import FuzzConfig, run_fuzz_ws
+
+    config = FuzzConfig(frames=frames, sockets=sockets, seed=seed, max_frame_bytes=max_frame_bytes)
+    summary = _run(run_fuzz_ws(config, progress=_progress(as_json)))
+    show("chaos fuzz-ws", summary, as_json)
