@@ -29,10 +29,10 @@ from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import CLOSE_GOING_AWAY, Session, SessionForbidden, SessionHub, SessionState
 
 from . import services
-from .auth import Principal, verify
+from .auth import Principal, authenticate
 from .errors import ApiError, from_bus_error
 from .frames import MAX_SAFE_INT, FrameError, parse_frame, safe_id
-from .limits import socket_slot
+from .limits import CLOSE_TRY_AGAIN, socket_slot
 from .rest import TaskSubmit, owned_record, submit
 
 log = logging.getLogger(__name__)
@@ -336,10 +336,11 @@ async def websocket(ws: WebSocket) -> None:
             token = await _auth_frame(ws)
             if token is None:
                 return
-        principal = verify(ws.app.state.settings.jwt_secret, token)
+        principal = await authenticate(ws.app.state, token)  # revoked tokens too (a deleted user's)
     except ApiError as exc:
+        code = CLOSE_TRY_AGAIN if exc.status == 503 else CLOSE_POLICY  # 503: Redis cannot say yet
         with contextlib.suppress(Exception):
-            await ws.close(CLOSE_POLICY, exc.message[:120])
+            await ws.close(code, exc.message[:120])
         return
     metrics = ws.app.state.metrics
     metrics.sockets.inc()

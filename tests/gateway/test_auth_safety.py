@@ -19,7 +19,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import websockets
 from pydantic import ValidationError
+from websockets.typing import Subprotocol
 
 from gateway.auth import mint, verify
 from gateway.errors import ApiError
@@ -82,6 +84,20 @@ async def test_tokens_issued_before_a_revocation_are_refused(
     assert (await http.get(PROBE, headers=auth(mint(SECRET, "u-gone")))).status_code == 404   # issued after
     no_iat = jwt.encode({"sub": "u-gone", "roles": ["user"], "exp": int(time.time()) + 60}, SECRET, "HS256")
     assert (await http.get(PROBE, headers=auth(no_iat))).status_code == 401   # no iat: older than any
+
+
+async def test_a_revoked_token_cannot_open_a_socket(gateway: str, redis: Any, key_prefix: str) -> None:
+    """The WebSocket checks revocation as REST does: a deleted user's older token is closed with 1008."""
+    old = mint(SECRET, "u-gone-ws")
+    url = gateway.replace("http", "ws") + "/ws"
+    async with websockets.connect(url, subprotocols=[Subprotocol("bearer"), Subprotocol(old)]) as ws:
+        assert json.loads(await ws.recv())["type"] == "welcome"   # before the revocation: let in
+    await revoke_tokens(redis, key_prefix, "u-gone-ws")
+    async with websockets.connect(url, subprotocols=[Subprotocol("bearer"), Subprotocol(old)]) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert "revoked" in closed.value.rcvd.reason
 
 
 # -- the secret at start-up ------------------------------------------------------------------------
