@@ -28,6 +28,7 @@ from services.common import Actor, ServiceSettings, identity_headers
 from services.meeting.schemas import ChatMessageOut
 from services.meeting.service import build as build_meeting
 from shared.bus import Context, Priority, Queue, RateLimited, TaskRecord, TaskStatus
+from shared.bus.edge_keys import create_keys
 from shared.bus.edge_models import EchoModel
 from shared.bus.edge_node import EdgeNode, EdgeUnits
 
@@ -39,6 +40,15 @@ from .harness import CHEAP_ARGON2
 WAIT = 20.0
 WORDS = "one two three four five six seven eight"
 FAST_RETRIES = {"retry_base_seconds": 0.02, "retry_cap_seconds": 0.2}
+
+
+@pytest.fixture(autouse=True)
+def curve_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bridge runs with CURVE, as outside dev mode it must: keys for it and the echo node."""
+    made = create_keys(tmp_path / "edge-keys", ["echo-node"])
+    for name, value in {**made["nodes"]["echo-node"],
+                        **{k: v for k, v in made.items() if k != "nodes"}}.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
