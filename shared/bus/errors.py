@@ -17,6 +17,7 @@ Errors (raised by the bus to its callers)::
         ├── EdgeBusy           -21: every live node serving the model is full (-> RateLimited)
         ├── EdgeUnavailable    -6: no live node serves the model
         ├── EdgeTimeout        -9: no complete answer within the request's timeout
+        ├── EdgeBadReply       -9: the node's reply broke the protocol (malformed, out of order, too long)
         └── EdgeStreamBroken   -11: the node died after tokens were streamed
 
 Handler signals (raised by a handler, caught by the worker)::
