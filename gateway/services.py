@@ -126,7 +126,10 @@ class ServiceProxy:
             service, method, path, principal, params, content=content, headers=headers
         )
         kind = answer.headers.get("content-type", "application/json")
-        return Response(answer.content, status_code=answer.status_code, media_type=kind)
+        # the service's checked type and file name pass through; nobody may sniff another type
+        kept = {k: v for k, v in answer.headers.items() if k.lower() == "content-disposition"}
+        return Response(answer.content, status_code=answer.status_code, media_type=kind,
+                        headers={**kept, "X-Content-Type-Options": "nosniff"})
 
     async def _forward(
         self,

@@ -11,11 +11,13 @@ from starlette.requests import ClientDisconnect
 
 from services.common import BadRequest, Caller
 
-from .library import Library
+from .library import COVER_FILE, Library
 from .schemas import MediaOut, Uploaded
 
 MediaPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 MeetingQuery = Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+COVER_NAME = COVER_FILE  # the name a saved cover gets (Content-Disposition), never the client's
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 
 
 def routes(library: Library) -> APIRouter:
@@ -39,7 +41,9 @@ def routes(library: Library) -> APIRouter:
 
     @router.get("/{media_id}/cover", response_class=FileResponse)
     async def cover(actor: Caller, media_id: MediaPath) -> FileResponse:
-        return FileResponse(await library.cover_file(actor, media_id), media_type="image/jpeg")
+        # its bytes were checked to be a JPEG; browsers must not guess another type from them
+        return FileResponse(await library.cover_file(actor, media_id), media_type="image/jpeg",
+                            filename=COVER_NAME, content_disposition_type="inline", headers=NOSNIFF)
 
     return router
 

@@ -35,6 +35,7 @@ from .store import Store, Unsupported
 
 log = logging.getLogger(__name__)
 COVER_FILE = "cover.jpg"
+JPEG_MAGIC = b"\xff\xd8\xff"  # what a cover's bytes start with before it is served as image/jpeg
 COVER_QUEUE_DELAYS = (0.25, 0.5, 1.0, 2.0)  # seconds between tries to queue an upload's cover task
 
 
@@ -190,6 +191,8 @@ class Library:
         path = self.store.path(item.cover_path)
         if not await asyncio.to_thread(path.is_file):
             raise NotFound(f"media {media_id}'s cover is missing from the store")
+        if await asyncio.to_thread(_head, path, len(JPEG_MAGIC)) != JPEG_MAGIC:  # served as image/jpeg only
+            raise NotFound(f"media {media_id}'s cover in the store is not a JPEG")
         return path
 
     # -- covers -----------------------------------------------------------------------------------
@@ -243,3 +246,8 @@ def job_out(job: TranscodeJob) -> TranscodeOut:
         status=job.status,  # type: ignore[arg-type]
         path=job.output_path, size=job.size if job.status == DONE else None, duration_s=job.duration_s,
         error=job.error, restarts=job.restarts, started_at=job.started_at, finished_at=job.finished_at)
+
+
+def _head(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
