@@ -17,6 +17,7 @@ from rich.table import Table
 from .errors import BusError
 from .message import PRIORITIES
 from .queue import Queue
+from .redact import install as install_redaction
 from .settings import BusSettings
 from .worker import Worker
 
@@ -114,6 +115,7 @@ def worker(
     handlers = load_app(app_spec)
     settings = BusSettings.load()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_redaction()  # no token or secret in any log line
 
     async def main(q: Queue) -> None:
         w = Worker(q, handlers, concurrency=concurrency, lease_seconds=lease, grace_seconds=grace)

@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from .errors import BusError
+from .redact import install as install_redaction
 from .scheduler import Schedule, ScheduleInfo, Scheduler
 from .settings import BusSettings
 
@@ -131,6 +132,7 @@ def run_scheduler(
     except BusError as exc:
         sys.exit(f"meetmesh: {exc}")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_redaction()  # no token or secret in any log line
 
     async def main(scheduler: Scheduler) -> None:
         scheduler.install_signal_handlers()
