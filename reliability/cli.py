@@ -135,3 +135,28 @@ def fuzz_ws(
     config = FuzzConfig(frames=frames, sockets=sockets, seed=seed, max_frame_bytes=max_frame_bytes)
     summary = _run(run_fuzz_ws(config, progress=_progress(as_json)))
     show("chaos fuzz-ws", summary, as_json)
+
+
+@app.command()
+def malformed(as_json: JsonFlag = False) -> None:
+    """Write garbage straight into a private Redis where the worker, the task relay and a service's
+    event consumer read: each bad message must be dead-lettered with its reason (or skipped, for
+    status entries), and each consumer must go on handling the good message sent after it."""
+    from .malformed import run_malformed
+
+    summary = _run(run_malformed(progress=_progress(as_json)))
+    if as_json:
+        show("chaos malformed", summary.as_dict(), as_json)
+        return
+    table = Table(title="chaos malformed")
+    for column in ("consumer", "case", "what became of it", "handled", "consumer alive"):
+        table.add_column(column)
+    for c in summary.cases:
+        table.add_row(c.consumer, c.name, c.outcome, _yes(c.handled), _yes(c.consumer_alive))
+    Console().print(table)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _yes(value: bool) -> str:
+    return "[green]yes[/green]" if value else "[red]NO[/red]"

@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .connection import translates_unreachable, unreachable_as_bus_error
-from .errors import InvalidMessage, describe
+from .errors import BusError, InvalidMessage, describe
 from .keys import QueueKeys
 from .message import Message
 
@@ -40,11 +40,18 @@ class Delivery:
 
 
 def parse_delivery(text: str) -> Delivery:
-    """A delivery string from the scripts ("id\\nattempt\\ntoken\\nmessage JSON") -> `Delivery`."""
-    task_id, attempts, token, raw = text.split("\n", 3)
+    """A delivery string from the scripts ("id\\nattempt\\ntoken\\nmessage JSON") -> `Delivery`.
+
+    Whatever the string holds, this answers a `Delivery`: one that does not parse has no message
+    and says why (the worker dead-letters it with that reason), it never raises.
+    """
+    parts = text.split("\n", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+        return Delivery(parts[0], "0", None, f"malformed delivery: {text[:100]!r}")
+    task_id, attempts, token, raw = parts
     try:
         message = Message.model_validate_json(raw)
-    except ValueError as exc:
+    except (ValueError, BusError) as exc:  # a field validator may raise InvalidMessage (a priority)
         return Delivery(task_id, token, None, f"malformed message: {describe(exc)}")
     message.attempts = int(attempts)
     return Delivery(task_id, token, message)
