@@ -160,3 +160,22 @@ def malformed(as_json: JsonFlag = False) -> None:
 
 def _yes(value: bool) -> str:
     return "[green]yes[/green]" if value else "[red]NO[/red]"
+
+
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(help="How long the load runs.")] = 10.0,
+    users: Annotated[int, typer.Option(min=1, help="WebSocket users (plus one REST user).")] = 3,
+    rate: Annotated[float, typer.Option(help="Submissions per second per WebSocket user.")] = 10.0,
+    completed_ttl: Annotated[float, typer.Option(help="MEETMESH_COMPLETED_TTL for the run, seconds.")] = 60.0,
+    samples: Annotated[bool, typer.Option(help="With --json, include every sample.")] = False,
+    seed: Seed = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """A gateway, workers and clients (WebSocket and REST) under steady load for MINUTES: gateway and
+    worker RSS and Redis memory sampled; reports slopes (MB/min) against what retention explains."""
+    from .soak import SoakConfig, run_soak
+
+    config = SoakConfig(minutes=minutes, ws_users=users, rate=rate, completed_ttl=completed_ttl, seed=seed)
+    summary = _run(run_soak(config, progress=_progress(as_json)))
+    show("chaos soak", summary.as_dict(with_samples=samples and as_json), as_json)
