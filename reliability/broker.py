@@ -1,5 +1,5 @@
-"""``meetmesh chaos broker``: the event broker restarted mid-run (a private nats-server with
-JetStream, its store in a temporary folder), gracefully and with SIGKILL.
+"""``meetmesh chaos broker``: the event broker restarted mid-run, gracefully and with SIGKILL: a
+private nats-server with JetStream, or a private RabbitMQ node, its data in a temporary folder.
 
 A publisher service publishes numbered durable events before, while and after each restart (one
 that is not acknowledged is published again until it is, as a caller of ``publish`` would); a
@@ -7,8 +7,8 @@ subscriber service, running throughout, must receive every acknowledged one once
 back. Neither is restarted: both reconnect by themselves. Reports what was acknowledged, what
 arrived (and how many twice), the publish attempts refused meanwhile and the time to recover.
 
-RabbitMQ is not restarted here: only the machine's shared instance exists, and breaking it (or
-closing all its connections) would hit everyone else using it. See docs/reliability.md.
+The machine's own brokers are never touched: RabbitMQ runs as a node of its own
+(`servers.PrivateRabbit`: its own name, ports and database), so restarting it hits nobody else.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from shared.bus import BusConnectionError, BusError, Event, EventBus, Payload
 from shared.bus.catalogue import CATALOGUE, register
 
-from .servers import PrivateNats
+from .servers import PrivateNats, PrivateRabbit, PrivateServer
 
 EVENT = "chaos.tick"
 PREFIX = "chaos"
@@ -40,6 +40,7 @@ if EVENT not in CATALOGUE:
 
 @dataclass
 class BrokerConfig:
+    backend: str = "nats"  # or "amqp" (RabbitMQ)
     modes: tuple[str, ...] = ("graceful", "kill")
     rate: float = 100.0  # publishes per second
     warm: float = 2.0  # seconds of publishing before each stop
@@ -98,7 +99,11 @@ async def run_broker(config: BrokerConfig, *, progress: Any = None) -> BrokerSum
         seen[event.data.n] += 1
         last_seen[0] = time.monotonic()
 
-    async with PrivateNats("nats") as server:
+    if config.backend not in ("nats", "amqp"):
+        raise ValueError(f"backend must be nats or amqp, not {config.backend!r}")
+    broker: PrivateServer = PrivateNats("nats") if config.backend == "nats" else PrivateRabbit("rabbit")
+    async with broker as server:
+        assert isinstance(server, PrivateNats | PrivateRabbit)
         subscriber = EventBus.from_url(server.url, service="chaos-sub", prefix=PREFIX,
                                        ack_wait=config.ack_wait)
         subscriber.subscribe(EVENT, on_tick)
@@ -144,5 +149,5 @@ async def run_broker(config: BrokerConfig, *, progress: Any = None) -> BrokerSum
         await publisher.stop()
         await subscriber.stop()
     missing = sum(1 for n in acked if n not in seen)
-    return BrokerSummary(backend="nats", published=len(acked), received=len(seen), missing=missing,
+    return BrokerSummary(backend=config.backend, published=len(acked), received=len(seen), missing=missing,
                          duplicates=sum(c - 1 for c in seen.values() if c > 1), restarts=restarts)

@@ -102,6 +102,8 @@ def redis(
 
 @app.command()
 def broker(
+    backend: Annotated[str, typer.Option(help="nats (a private nats-server) or amqp (a private RabbitMQ "
+                                              "node).")] = "nats",
     mode: Annotated[list[str] | None,
                     typer.Option(help="graceful and/or kill (default: both, in turn).")] = None,
     rate: Annotated[float, typer.Option(help="Durable events published per second.")] = 100.0,
@@ -109,33 +111,15 @@ def broker(
     warm: Annotated[float, typer.Option(help="Seconds of publishing before each stop.")] = 2.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Restart a private nats-server (JetStream) mid-run, gracefully and with SIGKILL: every durable event
-    acknowledged before, while or after must reach the subscribing service once it is back."""
+    """Restart a private broker (nats-server with JetStream, or a RabbitMQ node) mid-run, gracefully and
+    with SIGKILL: every durable event acknowledged before, while or after must reach the subscribing
+    service once it is back."""
     from .broker import BrokerConfig, run_broker
 
-    config = BrokerConfig(modes=tuple(mode or ("graceful", "kill")), rate=rate, down=down, warm=warm)
+    config = BrokerConfig(backend=backend, modes=tuple(mode or ("graceful", "kill")), rate=rate, down=down,
+                          warm=warm)
     summary = _run(run_broker(config, progress=_progress(as_json)))
     show("chaos broker", summary.as_dict(), as_json)
-
-
-@app.command("fuzz-ws")
-def fuzz_ws(
-    frames: Annotated[int, typer.Option(min=25, help="Bad frames to send in all.")] = 10_000,
-    sockets: Annotated[int, typer.Option(min=1, help="Fuzzing sockets, one user each.")] = 20,
-    max_frame_bytes: Annotated[int, typer.Option(
-        min=1024, help="The gateway's MEETMESH_MAX_FRAME_BYTES for the run.")] = 64 * 1024,
-    seed: Annotated[int, typer.Option(help="Random seed (which frames, in which order).")] = 14,
-    as_json: JsonFlag = False,
-) -> None:
-    """Fuzz a gateway's WebSocket: malformed, oversize, deeply nested, binary, out-of-order and flood
-    frames over many sockets; reports frames tried, error frames by code, closes by code, failures
-    (must be 0), the control client's slowest ping and whether the gateway kept its PID."""
-    from .ws_fuzz import FuzzConfig, run_fuzz_ws
-
-    config = FuzzConfig(frames=frames, sockets=sockets, seed=seed, max_frame_bytes=max_frame_bytes)
-    summary = _run(run_fuzz_ws(config, progress=_progress(as_json)))
-    show("chaos fuzz-ws", summary, as_json)
-
 
 @app.command()
 def malformed(as_json: JsonFlag = False) -> None:
@@ -161,7 +145,6 @@ def malformed(as_json: JsonFlag = False) -> None:
 def _yes(value: bool) -> str:
     return "[green]yes[/green]" if value else "[red]NO[/red]"
 
-
 @app.command()
 def soak(
     minutes: Annotated[float, typer.Option(help="How long the load runs.")] = 10.0,
@@ -179,3 +162,60 @@ def soak(
     config = SoakConfig(minutes=minutes, ws_users=users, rate=rate, completed_ttl=completed_ttl, seed=seed)
     summary = _run(run_soak(config, progress=_progress(as_json)))
     show("chaos soak", summary.as_dict(with_samples=samples and as_json), as_json)
+
+@app.command()
+def network(
+    rate: Annotated[float, typer.Option(min=1, help="Tasks enqueued per second.")] = 200.0,
+    delay: Annotated[float, typer.Option(min=0, help="Seconds held each way (delay phase).")] = 0.05,
+    partition: Annotated[float, typer.Option(min=0.1, help="Seconds cut off (> lease).")] = 4.0,
+    lease: Annotated[float, typer.Option(help="Lease seconds.")] = 2.0,
+    phase: Annotated[float, typer.Option(help="Seconds of the baseline and of the delay phase.")] = 4.0,
+    seed: Seed = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Put a fault proxy between a worker and Redis: delay, then a partition longer than the lease, then
+    every connection reset; reports lost (must be 0), repeats against the tasks held at each cut, and
+    the worker's time to recover."""
+    from .network import NetworkConfig, run_network
+
+    config = NetworkConfig(rate=rate, delay=delay, partition=partition, lease=lease, baseline=phase,
+                           delay_phase=phase, seed=seed)
+    summary = _run(run_network(config, progress=_progress(as_json)))
+    show("chaos network", summary.as_dict(), as_json)
+
+
+@app.command()
+def gateway(
+    clients: Annotated[int, typer.Option(min=1, help="Client sockets (one user each) on gateway A.")] = 20,
+    before: Annotated[float, typer.Option(help="Seconds of submissions before A is killed.")] = 4.0,
+    after: Annotated[float, typer.Option(help="Seconds of submissions on B after.")] = 3.0,
+    seed: Seed = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """SIGKILL a gateway while its clients hold sockets and submit: they move to a second gateway, send
+    again what was unanswered (same dedupe keys); reports lost (must be 0), tasks run twice (must be 0),
+    results readable on the other gateway, and how fast clients noticed and came back."""
+    from .gateway_kill import GatewayKillConfig, run_gateway_kill
+
+    config = GatewayKillConfig(clients=clients, before_kill=before, after_kill=after, seed=seed)
+    summary = _run(run_gateway_kill(config, progress=_progress(as_json)))
+    show("chaos gateway", summary.as_dict(), as_json)
+
+
+@app.command("fuzz-ws")
+def fuzz_ws(
+    frames: Annotated[int, typer.Option(min=25, help="Bad frames to send in all.")] = 10_000,
+    sockets: Annotated[int, typer.Option(min=1, help="Fuzzing sockets, one user each.")] = 20,
+    max_frame_bytes: Annotated[int, typer.Option(
+        min=1024, help="The gateway's MEETMESH_MAX_FRAME_BYTES for the run.")] = 64 * 1024,
+    seed: Annotated[int, typer.Option(help="Random seed (which frames, in which order).")] = 14,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fuzz a gateway's WebSocket: malformed, oversize, deeply nested, binary, out-of-order and flood
+    frames over many sockets; reports frames tried, error frames by code, closes by code, failures
+    (must be 0), the control client's slowest ping and whether the gateway kept its PID."""
+    from .ws_fuzz import FuzzConfig, run_fuzz_ws
+
+    config = FuzzConfig(frames=frames, sockets=sockets, seed=seed, max_frame_bytes=max_frame_bytes)
+    summary = _run(run_fuzz_ws(config, progress=_progress(as_json)))
+    show("chaos fuzz-ws", summary, as_json)

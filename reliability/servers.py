@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 START_TIMEOUT = 20.0
 
@@ -39,6 +39,7 @@ class PrivateServer:
     Its process runs in its own session, so a signal reaches nothing else."""
 
     binary = ""
+    start_timeout = START_TIMEOUT  # seconds a start may take before it is an error
 
     def __init__(self, name: str) -> None:
         if shutil.which(self.binary) is None:
@@ -51,6 +52,10 @@ class PrivateServer:
 
     def command(self) -> list[str]:
         raise NotImplementedError
+
+    def spawn_options(self) -> dict[str, Any]:
+        """More arguments for the server's ``Popen`` (its environment, its user)."""
+        return {}
 
     def ready(self) -> bool:
         """The server answers (a TCP connect by default)."""
@@ -65,14 +70,16 @@ class PrivateServer:
             return
         log = (self.dir / f"{self.name}.log").open("ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,  # noqa: ASYNC220
+                                     **self.spawn_options(),
                                      cwd=self.dir, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while not self.ready():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.binary} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.binary} did not answer on port {self.port} in {START_TIMEOUT}s")
+                raise RuntimeError(f"{self.binary} did not answer on port {self.port} "
+                                   f"in {self.start_timeout}s")
             await asyncio.sleep(0.02)
 
     async def shutdown(self) -> None:
@@ -156,3 +163,68 @@ class PrivateNats(PrivateServer):
 
     def command(self) -> list[str]:
         return [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.dir / "store")]
+
+
+class PrivateRabbit(PrivateServer):
+    """rabbitmq-server as a node of its own (``mmchaos-<port>@localhost``): its own AMQP and
+    distribution ports, its database and logs in the temporary folder, no plugins (the machine's
+    management plugin would want the machine's port). Debian's ``rabbitmq-server`` drops to the
+    ``rabbitmq`` user through ``su``, which would start a session of its own that our signals do not
+    reach; so, as root, the node's own script runs as that user directly, in our session, and the
+    folder is handed to that user.
+    Its user ``guest`` may connect from anywhere (``loopback_users = none``): the node listens on
+    127.0.0.1 only."""
+
+    binary = "rabbitmq-server"
+    start_timeout = 90.0  # an Erlang node boots in ~10 s on an idle 2-core machine
+
+    def __init__(self, name: str = "rabbit") -> None:
+        super().__init__(name)
+        self.dist_port = free_port()
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"loopback_users = none\nlisteners.tcp.default = 127.0.0.1:{self.port}\n")
+        user = self._rabbitmq_user() if os.geteuid() == 0 else None
+        if user is not None:
+            for path in (self.dir, *self.dir.iterdir()):
+                os.chown(path, user.pw_uid, user.pw_gid)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def command(self) -> list[str]:
+        script = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # Debian's; behind the su wrapper
+        return [str(script) if script.exists() else self.binary]
+
+    def spawn_options(self) -> dict[str, Any]:
+        d = self.dir
+        options: dict[str, Any] = {}
+        env = dict(os.environ)
+        if os.geteuid() == 0 and self._rabbitmq_user() is not None:
+            options["user"] = options["group"] = "rabbitmq"
+            env["HOME"] = "/var/lib/rabbitmq"  # the Erlang cookie the node and rabbitmqctl share
+        options["env"] = {**env, "RABBITMQ_NODENAME": f"mmchaos-{self.port}@localhost",
+                "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_MNESIA_BASE": str(d / "mnesia"), "RABBITMQ_LOG_BASE": str(d / "log"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+                "RABBITMQ_PID_FILE": str(d / "pid"), "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq")}
+        return options
+
+    @staticmethod
+    def _rabbitmq_user() -> Any:
+        import pwd
+
+        try:
+            return pwd.getpwnam("rabbitmq")
+        except KeyError:
+            return None
+
+    def ready(self) -> bool:
+        """Answers the AMQP 0-9-1 header with connection.start (a method frame: type 1)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"AMQP\x00\x00\x09\x01")
+                return s.recv(1) == b"\x01"
+        except OSError:
+            return False

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ValidationError
 
 from .catalogue import Event, check_pattern, decode_event, make_event, matches
+from .connection import redact_url
 from .errors import BusError, ConfigError, InvalidMessage, Reject
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class EventBus(abc.ABC):
         if ack_wait <= 0 or max_attempts < 1 or retry_backoff < 0:
             raise ConfigError("ack_wait must be > 0, max_attempts >= 1 and retry_backoff >= 0")
         self.url = url
+        self.shown_url = redact_url(url)  # for messages and logs: no password in them
         self.service = service
         self.prefix = prefix
         self.retention = retention or Retention()

@@ -198,7 +198,8 @@ class AmqpEventBus(EventBus):
         try:
             await self._connect()
         except _UNREACHABLE as exc:
-            raise BusConnectionError(f"cannot reach RabbitMQ for events at {self.url}: {exc!r}") from exc
+            raise BusConnectionError(f"cannot reach RabbitMQ for events at {self.shown_url}: "
+                                     f"{exc!r}") from exc
         self._watcher = asyncio.create_task(self._keep_connected(), name=f"amqp-events-{self.service}")
 
     async def _connect(self) -> None:
@@ -251,7 +252,7 @@ class AmqpEventBus(EventBus):
             await asyncio.wait([connection.closing])
             if self._stopping:
                 return
-            log.warning("RabbitMQ connection for events at %s lost: reconnecting", self.url)
+            log.warning("RabbitMQ connection for events at %s lost: reconnecting", self.shown_url)
             for consumer in self._consumers:
                 consumer.abandon()
             failures = 0
@@ -262,17 +263,17 @@ class AmqpEventBus(EventBus):
                     failures += 1
                     delay = backoff(failures, cap=RECONNECT_MAX)
                     log.warning("RabbitMQ at %s still unreachable (%r): retrying in %.1f s",
-                                self.url, exc, delay)
+                                self.shown_url, exc, delay)
                     await asyncio.sleep(delay)
                     continue
                 self.reconnects += 1
-                log.warning("RabbitMQ connection for events at %s restored", self.url)
+                log.warning("RabbitMQ connection for events at %s restored", self.shown_url)
                 break
 
     def _channel(self, confirmed: bool) -> aiormq.abc.AbstractChannel:
         channel = self._confirmed if confirmed else self._fire
         if channel is None or channel.is_closed:
-            raise BusConnectionError(f"not connected to RabbitMQ at {self.url} (reconnecting)")
+            raise BusConnectionError(f"not connected to RabbitMQ at {self.shown_url} (reconnecting)")
         return channel
 
     async def ping(self, timeout: float = 1.0) -> bool:
@@ -316,7 +317,7 @@ class AmqpEventBus(EventBus):
             await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
                                         properties=PERSISTENT if confirmed else TRANSIENT)
         except _UNREACHABLE as exc:
-            raise BusConnectionError(f"cannot {what} to RabbitMQ at {self.url}: {exc!r}") from exc
+            raise BusConnectionError(f"cannot {what} to RabbitMQ at {self.shown_url}: {exc!r}") from exc
 
     # -- dead letters and teardown ----------------------------------------------------------------
 
@@ -340,7 +341,7 @@ class AmqpEventBus(EventBus):
     async def _open_channel(self) -> aiormq.abc.AbstractChannel:
         connection = self._connection
         if connection is None or connection.is_closed:
-            raise BusConnectionError(f"not connected to RabbitMQ at {self.url} (reconnecting)")
+            raise BusConnectionError(f"not connected to RabbitMQ at {self.shown_url} (reconnecting)")
         return await connection.channel()
 
     async def drop(self) -> None:

@@ -83,7 +83,7 @@ class NatsEventBus(EventBus):
                 await self._declare(stream)
             await self.broker.start()
         except _UNREACHABLE as exc:
-            raise BusConnectionError(f"cannot reach NATS for events at {self.url}: {exc!r}") from exc
+            raise BusConnectionError(f"cannot reach NATS for events at {self.shown_url}: {exc!r}") from exc
 
     async def _declare(self, stream: JStream) -> None:
         """Create the stream, or bring its limits to ours (the last process started with new
@@ -102,13 +102,13 @@ class NatsEventBus(EventBus):
         try:
             await self.broker.publish(body, f"{self.subject_prefix}{type}", stream=self.stream.name)
         except _UNREACHABLE as exc:
-            raise BusConnectionError(f"cannot publish events to NATS at {self.url}: {exc!r}") from exc
+            raise BusConnectionError(f"cannot publish events to NATS at {self.shown_url}: {exc!r}") from exc
 
     async def _broadcast(self, topic: str, body: bytes) -> None:
         try:
             await self.broker.publish(body, f"{self.prefix}.bc.{topic}")
         except _UNREACHABLE as exc:
-            raise BusConnectionError(f"cannot broadcast on NATS at {self.url}: {exc!r}") from exc
+            raise BusConnectionError(f"cannot broadcast on NATS at {self.shown_url}: {exc!r}") from exc
 
     async def _write_dead(self, service: str, body: bytes) -> None:
         await self._js.publish(f"{self.prefix}.dead.{service}", body, stream=self.dead_stream.name)

@@ -106,7 +106,7 @@ class RedisEventBus(EventBus):
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             await pubsub.psubscribe(self.keys.broadcast_pattern)
         except UNREACHABLE as exc:
-            raise BusConnectionError(f"cannot reach Redis for events at {self.url}: {exc}") from exc
+            raise BusConnectionError(f"cannot reach Redis for events at {self.shown_url}: {exc}") from exc
         self._listener = asyncio.create_task(self._listen(pubsub))
         if self.retention.max_age is not None:
             self._janitor = asyncio.create_task(self._trim_by_age(self.retention.max_age))
@@ -216,7 +216,7 @@ class RedisEventBus(EventBus):
             except Exception as exc:
                 error: BaseException = exc
                 if isinstance(exc, UNREACHABLE):
-                    error = BusConnectionError(f"cannot publish events to Redis at {self.url}: {exc}")
+                    error = BusConnectionError(f"cannot publish events to Redis at {self.shown_url}: {exc}")
                     error.__cause__ = exc
                 for _, _, done in batch:
                     if not done.done():

@@ -10,7 +10,7 @@ from typing import Any
 import aiormq
 import pytest
 
-from shared.bus import BusConnectionError, ConfigError
+from shared.bus import BusConnectionError, ConfigError, EventBus
 from shared.bus.catalogue import Event
 from shared.bus.events import Retention
 from shared.bus.events_amqp import AmqpEventBus
@@ -106,3 +106,10 @@ async def test_services_queues_are_quorum_queues_of_persistent_messages(
     await again.start()
     await until(lambda: len(seen) == 3, "the stopped service to catch up")
     assert [e.id for e in seen] == [e.id for e in sent]
+
+
+async def test_an_unreachable_broker_is_named_without_its_password() -> None:
+    bus = EventBus.from_url("amqp://guest:s3cret-pass@127.0.0.1:1/", service="pw-check")
+    with pytest.raises(BusConnectionError) as caught:
+        await bus.start()
+    assert "s3cret-pass" not in str(caught.value) and "guest:***@127.0.0.1:1" in str(caught.value)
