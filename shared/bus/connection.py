@@ -137,10 +137,14 @@ class TrustingConnectionPool(ConnectionPool):
     A connection can only hold unread data if a command was interrupted, and redis-py already
     disconnects a connection whose read fails or is cancelled; the bus's own streaming path does
     the same. So a connection back in the pool is always clean, and only connecting is kept.
+
+    Connecting goes through the connection's retry (`BoundedRetry`): redis-py takes a connection
+    from the pool outside its command retry, so a refused connect (Redis restarting) would
+    otherwise fail the command at once, however long the retry budget.
     """
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
-        await connection.connect()  # type: ignore[no-untyped-call]
+        await connection.retry.call_with_retry(connection.connect, lambda _: connection.disconnect())
 
 
 def redact_url(url: str) -> str:

@@ -51,5 +51,11 @@ async def test_a_producer_waits_out_a_short_outage_and_then_gives_up_with_unavai
             await server.shutdown()
             with pytest.raises(BusConnectionError, match="Redis unreachable"):
                 await queue.enqueue("job", {"n": 2})  # still away after the budget: a clear error
+            # the next call waits again (its connection is made anew: that connect is retried too)
+            again = asyncio.create_task(queue.enqueue("job", {"n": 3}))
+            await asyncio.sleep(0.5)
+            assert not again.done()
+            await server.start()
+            assert (await queue.get((await again).id)).status.value == "queued"
         finally:
             await redis.aclose()
