@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,3 +78,11 @@ def gateway(env: dict[str, str], log: Path, port: int) -> Child:
     """``meetmesh gateway`` on 127.0.0.1:``port``."""
     return Child([sys.executable, "-m", "shared.bus.cli", "gateway", "--host", "127.0.0.1",
                   "--port", str(port)], {**env, "MEETMESH_PORT": str(port)}, log)
+
+
+def tidy(logs: Path, ok: bool, say: object = None) -> None:
+    """Remove a scenario's log folder when its guarantees held; keep it (and say where) when not."""
+    if ok:
+        shutil.rmtree(logs, ignore_errors=True)
+    elif callable(say):
+        say(f"the children's logs are kept in {logs}")

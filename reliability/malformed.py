@@ -266,4 +266,5 @@ async def run_malformed(*, progress: Any = None) -> MalformedSummary:
                 say(f"the worker died:\n{worker.tail()}")
             await worker.terminate(10)
             await redis.aclose()
+    children.tidy(logs, summary.ok, say)
     return summary

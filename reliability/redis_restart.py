@@ -208,8 +208,10 @@ async def run_redis(config: RedisConfig, *, progress: Any = None) -> RedisSummar
             await watcher.aclose()
     missing = states.get("None", 0)
     completed = states.get("completed", 0)
-    return RedisSummary(acknowledged=len(acked), completed=completed, lost_to_kill=missing,
+    summary = RedisSummary(acknowledged=len(acked), completed=completed, lost_to_kill=missing,
                         lost=len(acked) - completed - missing, restarts=restarts)
+    children.tidy(logs, summary.ok, say)
+    return summary
 
 
 async def _last_status(seen: list[tuple[float, int]], status: int) -> bool:

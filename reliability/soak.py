@@ -288,7 +288,7 @@ async def run_soak(config: SoakConfig, *, progress: Any = None) -> SoakSummary:
     def s_of(attr: str) -> float:
         return round(slope([(s.t, getattr(s, attr)) for s in judged]), 3)
 
-    return SoakSummary(
+    summary = SoakSummary(
         minutes=config.minutes, submitted=counts.submitted, completed_seen=counts.completed,
         errors=counts.errors, error_kinds=dict(counts.kinds), judged_from_s=judged[0].t if judged else 0.0,
         gateway_rss_slope=s_of("gateway_rss_mb"), workers_rss_slope=s_of("workers_rss_mb"),
@@ -296,4 +296,6 @@ async def run_soak(config: SoakConfig, *, progress: Any = None) -> SoakSummary:
         redis_less_streams_slope=round(slope([(s.t, s.redis_used_mb - s.streams_mb) for s in judged]), 3),
         keys_at_judge_start=judged[0].keys if judged else 0, keys_at_end=judged[-1].keys if judged else 0,
         completed_ttl=config.completed_ttl, samples=samples)
+    children.tidy(logs, summary.ok, say)
+    return summary
 

@@ -195,10 +195,12 @@ async def run_workers(config: WorkersConfig, *, progress: Any = None) -> Workers
     in_flight = set().union(*kills) if kills else set()
     repeated = {i for i, n in runs.items() if n > 1}
     completed = states.get("completed", 0)
-    return WorkersSummary(
+    summary = WorkersSummary(
         tasks=len(ids), completed=completed, lost=len(ids) - completed, dead=states.get("dead", 0),
         executions=sum(runs.values()), repeats=sum(n - 1 for n in runs.values() if n > 1),
         repeated_tasks=len(repeated), kills=len(kills), in_flight_at_kills=sum(len(k) for k in kills),
         repeats_not_in_flight=len(repeated - in_flight), workers=config.workers,
         concurrency=config.concurrency, lease_seconds=config.lease, seconds=round(seconds, 2),
         tasks_per_second=round(len(ids) / seconds, 1) if seconds else 0.0, by_priority=dict(by_priority))
+    children.tidy(logs, summary.ok, say)
+    return summary
