@@ -27,12 +27,18 @@ async def test_redis_restarts_keep_what_was_acknowledged_and_everyone_reconnects
         assert restart.processes_died == 0, restart  # no worker or gateway process died meanwhile
         assert restart.gateway_not_ready_seen, restart  # /ready said not-ready while Redis was away
         assert restart.gateway_recovery_s is not None, restart  # and ready again after, by itself
+        assert restart.socket_recovery_s is not None, restart  # completions pushed over its sockets again
     assert graceful.missing_after == 0, graceful
     # SIGKILL: only what was acknowledged inside the AOF's fsync window may be gone
     assert kill.missing_window_s is None or kill.missing_window_s <= FSYNC_WINDOW, kill
     assert summary.lost_to_kill == kill.missing_after
     assert summary.lost == 0, summary  # everything that survived completed
     assert summary.completed == summary.acknowledged - summary.lost_to_kill
+    # a WebSocket client of the gateway, submitting throughout: each task it had accepted was pushed
+    # back to it completed (none was lost to the kill here, else its push could not come)
+    assert summary.socket_submitted > 0
+    if summary.lost_to_kill == 0:
+        assert summary.socket_completed == summary.socket_submitted, summary
 
 
 async def test_a_producer_waits_out_a_short_outage_and_then_gives_up_with_unavailable() -> None:
