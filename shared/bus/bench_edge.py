@@ -222,7 +222,7 @@ def _rates(start: float, first: float, end: float, count: int) -> dict[str, floa
 
 async def _llm(tokens: int, rounds: int) -> dict[str, Any]:
     try:
-        from .edge_models import LlamaModel, template_messages
+        from edge_node.models import LlamaModel, template_messages
 
         model = LlamaModel()
     except Exception as exc:  # the [llm] extra is optional: say why this part did not run

@@ -34,9 +34,10 @@ def edge_node_cmd(
     bridge (ZeroMQ DEALER, CURVE with the keys MEETMESH_EDGE_NODE_SECRET_KEY and
     MEETMESH_EDGE_SERVER_PUBLIC_KEY name; plain only with MEETMESH_ENV=dev) and served to StackFlow
     clients over TCP."""
+    from edge_node.models import load_model
+    from edge_node.node import EdgeNode, EdgeUnits
+
     from .cli import run
-    from .edge_models import load_model
-    from .edge_node import EdgeNode, EdgeUnits
     from .settings import BusSettings
 
     logging.basicConfig(level=BusSettings.load().log_level,

@@ -109,7 +109,7 @@ def parse_scale(values: Iterable[str]) -> dict[str, int]:
 def edge_model_name(spec: str | None) -> str:
     """The name a node serves ``--model spec`` under (what the ai service asks its bridge for)."""
     if spec is None:
-        from .edge_models import DEFAULT_MODEL
+        from edge_node.models import DEFAULT_MODEL
 
         return DEFAULT_MODEL
     return "echo" if spec == "echo" else Path(spec).stem

@@ -27,10 +27,10 @@ import zmq
 import zmq.asyncio
 from typer.testing import CliRunner
 
+from edge_node.models import EchoModel
+from edge_node.node import EdgeNode, EdgeUnits
 from shared.bus.edge import EdgeBridge
 from shared.bus.edge_cli import register
-from shared.bus.edge_models import EchoModel
-from shared.bus.edge_node import EdgeNode, EdgeUnits
 from shared.bus.errors import RateLimited
 from shared.bus.stackflow import (
     EdgeBusy,

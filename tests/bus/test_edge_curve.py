@@ -20,6 +20,8 @@ import zmq
 import zmq.asyncio
 from typer.testing import CliRunner
 
+from edge_node.models import EchoModel
+from edge_node.node import EdgeNode, EdgeUnits
 from shared.bus.edge import EdgeBridge
 from shared.bus.edge_cli import register
 from shared.bus.edge_keys import (
@@ -32,8 +34,6 @@ from shared.bus.edge_keys import (
     create_keys,
     node_keys,
 )
-from shared.bus.edge_models import EchoModel
-from shared.bus.edge_node import EdgeNode, EdgeUnits
 from shared.bus.errors import ConfigError
 from shared.bus.stackflow import EdgeUnavailable
 from shared.bus.up import STAGE_EDGE, plan

@@ -17,9 +17,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from edge_node.models import EchoModel
+from edge_node.node import EdgeNode, EdgeUnits
 from shared.bus.edge import EdgeBridge
-from shared.bus.edge_models import EchoModel
-from shared.bus.edge_node import EdgeNode, EdgeUnits
 from shared.bus.errors import Retry
 from shared.bus.stackflow import (
     EdgeBadReply,

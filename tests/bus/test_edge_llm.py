@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_node.models import DEFAULT_MODEL, SYSTEM_PROMPTS, LlamaModel, Model, template_messages
 from shared.bus.edge import EdgeBridge
-from shared.bus.edge_models import DEFAULT_MODEL, SYSTEM_PROMPTS, LlamaModel, Model, template_messages
 
 pytestmark = [
     pytest.mark.slow,

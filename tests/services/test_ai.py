@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from edge_node.models import EchoModel
+from edge_node.node import EdgeNode, EdgeUnits
 from services.ai.assistant import (
     MEETING_ENDED,
     NO_ASR,
@@ -29,8 +31,6 @@ from services.meeting.schemas import ChatMessageOut
 from services.meeting.service import build as build_meeting
 from shared.bus import Context, Priority, Queue, RateLimited, TaskRecord, TaskStatus
 from shared.bus.edge_keys import create_keys
-from shared.bus.edge_models import EchoModel
-from shared.bus.edge_node import EdgeNode, EdgeUnits
 
 from ..conftest import REDIS_URL
 from ..gateway.conftest import SECRET

@@ -17,10 +17,9 @@ from typing import Any
 import zmq
 from pydantic import ValidationError
 
-from .edge_keys import CurveOption, NodeKeys, curve_client, node_keys
-from .edge_models import Model, models_by_name, prompt_for
-from .errors import ConfigError, describe
-from .stackflow import (
+from shared.bus.edge_keys import CurveOption, NodeKeys, curve_client, node_keys
+from shared.bus.errors import ConfigError, describe
+from shared.bus.stackflow import (
     BEAT,
     BYE,
     CANCEL,
@@ -42,6 +41,8 @@ from .stackflow import (
     parse_request,
     stream_data,
 )
+
+from .models import Model, models_by_name, prompt_for
 
 log = logging.getLogger("meetmesh.edge.node")
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # sends one reply to whoever asked
@@ -334,7 +335,7 @@ class EdgeNode:
 
     async def run(self, *, ready: Callable[[EdgeNode], None] | None = None) -> None:
         """Serve until `stop` (then stop running inferences and close everything)."""
-        from .stackflow_tcp import StackFlowServer
+        from shared.bus.stackflow_tcp import StackFlowServer
 
         if self.connect:
             if self.curve == "env":

