@@ -8,7 +8,7 @@ libraries and the same measuring client, and nothing of MeetMesh's in between.
   no pydantic, no relay lease, no broadcast, no acks, no replay buffer, no writer task.
 - worker: BRPOP a task (and RPOP up to 99 more), XADD "processing" for each, then XADD "completed"
   for each (a pipeline each: the worker's lease and settle).
-- clients: `python -m gateway.bench client` processes, exactly as `meetmesh bench ws` runs them:
+- clients: `python -m meetmesh.bench.ws client` processes, exactly as `meetmesh bench ws` runs them:
   10,000 sockets held, 100 of them submitting at 1,000 tasks/s.
 
     .venv/bin/python bench/raw_ws_floor.py                  # CLIENTS=10000 RATE=1000 TASKS=5000
@@ -138,7 +138,7 @@ async def work() -> None:
 async def run() -> dict[str, Any]:
     import httpx
 
-    from gateway.bench import _Child, _cpu_now, _cpu_window, _free_port, _raise_file_limit, _summary
+    from meetmesh.bench.ws import _Child, _cpu_now, _cpu_window, _free_port, _raise_file_limit, _summary
 
     _raise_file_limit(CLIENTS)
     port = _free_port()
@@ -163,7 +163,7 @@ async def run() -> dict[str, Any]:
             clients, first = [], 0
             while first < CLIENTS:
                 share = min(per, CLIENTS - first)
-                argv = [py, "-m", "gateway.bench", "client", url, str(first), str(share)]
+                argv = [py, "-m", "meetmesh.bench.ws", "client", url, str(first), str(share)]
                 child = await _Child.spawn(f"client-{first}", argv, env, work_dir, pipes=True)
                 children.append(child)
                 clients.append(child)

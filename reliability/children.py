@@ -69,14 +69,14 @@ class Child:
 def worker(queue: str, env: dict[str, str], log: Path, *, concurrency: int, lease: float,
            max_retries: int, app: str = "reliability.apps:chaos") -> Child:
     """``meetmesh worker`` for ``queue`` (SIGTERM grace 5 s)."""
-    return Child([sys.executable, "-m", "shared.bus.cli", "worker", "--queue", queue, "--app", app,
+    return Child([sys.executable, "-m", "meetmesh", "worker", "--queue", queue, "--app", app,
                   "--concurrency", str(concurrency), "--lease", str(lease), "--grace", "5",
                   "--max-retries", str(max_retries)], env, log)
 
 
 def gateway(env: dict[str, str], log: Path, port: int) -> Child:
     """``meetmesh gateway`` on 127.0.0.1:``port``."""
-    return Child([sys.executable, "-m", "shared.bus.cli", "gateway", "--host", "127.0.0.1",
+    return Child([sys.executable, "-m", "meetmesh", "gateway", "--host", "127.0.0.1",
                   "--port", str(port)], {**env, "MEETMESH_PORT": str(port)}, log)
 
 

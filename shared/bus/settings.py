@@ -32,7 +32,7 @@ class BusSettings(BaseSettings):
     def redis_url_configured(self) -> bool:
         """Whether ``redis_url`` was set (environment, settings file or argument) rather than defaulted.
 
-        Only an unconfigured URL may be replaced by a private Redis (`embedded.ensure_redis`).
+        Only an unconfigured URL may be replaced by a private Redis (`meetmesh.embedded.ensure_redis`).
         """
         return "redis_url" in self.model_fields_set
 

@@ -9,8 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from meetmesh.bench.events import MODES, bench_events_cmd, run
 from shared.bus import connect
-from shared.bus.bench_events import MODES, bench_events_cmd, run
 
 URLS = {
     "redis": os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9"),

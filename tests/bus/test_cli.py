@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def meetmesh(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.bus.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "meetmesh", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

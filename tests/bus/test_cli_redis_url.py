@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from meetmesh.embedded import ensure_redis
+from meetmesh.up import redis_proc
 from shared.bus import BusConnectionError, BusSettings
 from shared.bus.connection import redact_url
-from shared.bus.embedded import ensure_redis
-from shared.bus.up import redis_proc
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret-never-printed"
@@ -48,7 +48,7 @@ COMMANDS = [
 
 
 def meetmesh(args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.bus.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "meetmesh", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=50)
 
 

@@ -1,4 +1,4 @@
-"""Crash tests: real worker processes (``python -m shared.bus.cli worker``) killed with SIGKILL or
+"""Crash tests: real worker processes (``python -m meetmesh worker``) killed with SIGKILL or
 stopped with SIGTERM, then checked for lost, repeated or misplaced work.
 
 The handlers live in ``tests/bus/apps.py`` and count their executions in Redis under the test's
@@ -87,7 +87,7 @@ def spawn(redis_url: str, key_prefix: str, tmp_path: Path) -> Iterator[Callable[
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.bus.cli", "worker", "--queue", queue,
+                [sys.executable, "-m", "meetmesh", "worker", "--queue", queue,
                  "--app", f"tests.bus.apps:{app}", "--concurrency", str(concurrency), "--lease", str(lease),
                  "--grace", str(grace), "--max-retries", str(max_retries)],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 
 from edge_node.models import EchoModel
 from edge_node.node import EdgeNode, EdgeUnits
+from meetmesh.edge import register
 from shared.bus.edge import EdgeBridge
-from shared.bus.edge_cli import register
 from shared.bus.errors import RateLimited
 from shared.bus.stackflow import (
     EdgeBusy,
@@ -95,7 +95,7 @@ class NodeProcess:
     def __init__(self, connect: str, name: str, *, capacity: int = 1, delay: float = 0.0,
                  stackflow_port: int = 0, log: Path) -> None:
         self.name, self.log = name, log
-        argv = [sys.executable, "-m", "shared.bus.edge_cli", "edge-node", "--connect", connect, "--model",
+        argv = [sys.executable, "-m", "meetmesh.edge", "edge-node", "--connect", connect, "--model",
                 "echo", "--name", name, "--capacity", str(capacity), "--token-delay", str(delay),
                 "--stackflow-port", str(stackflow_port), "--heartbeat", str(BEAT)]
         with log.open("wb") as err:
@@ -737,7 +737,7 @@ def test_register_adds_edge_node_and_bench_edge() -> None:
 
 @pytest.mark.slow
 async def test_bench_edge_runs_both_sides_of_the_echo_comparison() -> None:
-    from shared.bus.bench_edge import run_bench
+    from meetmesh.bench.edge import run_bench
 
     result = await run_bench(requests=100, concurrency=4, latency_requests=50, rounds=1, llm=False)
     echo = result["echo"]

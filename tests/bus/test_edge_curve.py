@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from edge_node.models import EchoModel
 from edge_node.node import EdgeNode, EdgeUnits
+from meetmesh.edge import register
+from meetmesh.up import STAGE_EDGE, plan
 from shared.bus.edge import EdgeBridge
-from shared.bus.edge_cli import register
 from shared.bus.edge_keys import (
     CLIENT_KEYS,
     NODE_SECRET,
@@ -36,7 +37,6 @@ from shared.bus.edge_keys import (
 )
 from shared.bus.errors import ConfigError
 from shared.bus.stackflow import EdgeUnavailable
-from shared.bus.up import STAGE_EDGE, plan
 
 WAIT = 20.0
 VARIABLES = (SERVER_SECRET, CLIENT_KEYS, NODE_SECRET, SERVER_PUBLIC)

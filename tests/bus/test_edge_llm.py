@@ -72,7 +72,7 @@ def start_node(endpoint: str, log: Path) -> subprocess.Popen[bytes]:
     """``meetmesh edge-node`` with its default model, SmolLM2."""
     with log.open("wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "shared.bus.edge_cli", "edge-node", "--connect", endpoint,
+            [sys.executable, "-m", "meetmesh.edge", "edge-node", "--connect", endpoint,
              "--stackflow-port", "0", "--name", "smol"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 

@@ -21,8 +21,8 @@ import pytest
 from croniter import croniter  # type: ignore[import-untyped]
 from typer.testing import CliRunner
 
+from meetmesh.schedule import app
 from shared.bus import InvalidMessage, Message, Priority, Queue, connect
-from shared.bus.cli_schedule import app
 from shared.bus.errors import ScheduleNotFound
 from shared.bus.keys import SchedulerKeys
 from shared.bus.scheduler import Schedule, Scheduler
@@ -325,7 +325,7 @@ async def test_cli_run_fires_and_stops_on_sigterm(env: dict[str, str], redis: An
                                                  make_queue: Any) -> None:
     await Scheduler(redis, prefix=key_prefix).add(Schedule(name="s", queue="jobs", type="t", every=0.2))
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the child is watched below
-        [sys.executable, "-m", "shared.bus.cli_schedule", "run", "--poll", "0.1"], cwd=ROOT,
+        [sys.executable, "-m", "meetmesh.schedule", "run", "--poll", "0.1"], cwd=ROOT,
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         queue = make_queue("jobs")

@@ -25,8 +25,7 @@ from typer.testing import CliRunner
 
 from gateway.auth import mint
 from gateway.settings import GatewaySettings
-from shared.bus import Queue, Worker
-from shared.bus.up import (
+from meetmesh.up import (
     CLEAN_EXITS,
     READY_LINE,
     Proc,
@@ -37,6 +36,7 @@ from shared.bus.up import (
     plan,
     up_cmd,
 )
+from shared.bus import Queue, Worker
 
 from ..gateway.conftest import SECRET, serve
 from ..gateway.service import router
@@ -92,7 +92,7 @@ def test_the_plan_names_replicas_and_gives_each_its_ports() -> None:
     by_name = {p.name: p for p in layout.procs}
     assert list(by_name) == ["gateway", "user", "meeting", "ai-1", "ai-2", "edge-1", "edge-2"]
     assert [p.stage for p in layout.procs] == sorted(p.stage for p in layout.procs)
-    assert by_name["gateway"].argv == ["py", "-m", "shared.bus.cli", "gateway", "--host", "127.0.0.1",
+    assert by_name["gateway"].argv == ["py", "-m", "meetmesh", "gateway", "--host", "127.0.0.1",
                                       "--port", "20000"]
     assert by_name["gateway"].ready_url == "http://127.0.0.1:20000/ready"
     assert by_name["user"].argv[3:] == ["service", "user", "--port", "20101"]
@@ -282,8 +282,8 @@ async def test_a_program_that_cannot_start_is_reported() -> None:
 def up_argv(*args: str) -> list[str]:
     """``meetmesh up`` once cli.py registers it; until then its module's own entry point."""
     if _registered("up"):
-        return [sys.executable, "-m", "shared.bus.cli", "up", *args]
-    return [sys.executable, "-m", "shared.bus.up", *args]
+        return [sys.executable, "-m", "meetmesh", "up", *args]
+    return [sys.executable, "-m", "meetmesh.up", *args]
 
 
 def gateway_only(port: int, data_dir: Path) -> list[str]:
@@ -355,7 +355,7 @@ async def test_up_stops_and_exits_1_when_a_process_dies(up_env: dict[str, str], 
 
 
 def _registered(command: str) -> bool:
-    from shared.bus.cli import app
+    from meetmesh.main import app
 
     return any(c.name == command for c in app.registered_commands)
 
@@ -363,8 +363,8 @@ def _registered(command: str) -> bool:
 def submit_argv(*args: str) -> list[str]:
     """``meetmesh submit`` once cli.py registers it; until then its module's own entry point."""
     if _registered("submit"):
-        return [sys.executable, "-m", "shared.bus.cli", "submit", *args]
-    return [sys.executable, "-m", "shared.bus.submit", *args]
+        return [sys.executable, "-m", "meetmesh", "submit", *args]
+    return [sys.executable, "-m", "meetmesh.submit", *args]
 
 
 async def meetmesh_submit(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

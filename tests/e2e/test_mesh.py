@@ -35,7 +35,7 @@ import httpx
 import pytest
 import websockets
 
-from shared.bus.up import DEFAULT_PORT_BASE, EDGE_BRIDGE_PORT, READY_LINE, SERVICE_OFFSETS, STACKFLOW_PORT
+from meetmesh.up import DEFAULT_PORT_BASE, EDGE_BRIDGE_PORT, READY_LINE, SERVICE_OFFSETS, STACKFLOW_PORT
 
 from ..gateway.conftest import Client
 
@@ -81,11 +81,11 @@ def free_port_base() -> int:
 
 def up_argv(*args: str) -> list[str]:
     """``meetmesh up`` once cli.py registers it; until then the module's own entry point."""
-    from shared.bus.cli import app
+    from meetmesh.main import app
 
     if any(c.name == "up" for c in app.registered_commands):
-        return [sys.executable, "-m", "shared.bus.cli", "up", *args]
-    return [sys.executable, "-m", "shared.bus.up", *args]
+        return [sys.executable, "-m", "meetmesh", "up", *args]
+    return [sys.executable, "-m", "meetmesh.up", *args]
 
 
 @dataclass

@@ -26,8 +26,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from meetmesh.up import REDACTED_BY_UP
 from shared.bus.redact import REDACTED
-from shared.bus.up import REDACTED_BY_UP
 
 from . import test_mesh as harness
 from .test_mesh import ROOT, Mesh, auth, register
@@ -55,7 +55,7 @@ async def _login(http: httpx.AsyncClient, name: str) -> str:
 async def _grant_admin(mesh: Mesh, name: str) -> None:
     """``meetmesh user grant-admin NAME`` on the mesh's store (its data folder), as an operator would."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.bus.cli", "user", "grant-admin", name, cwd=ROOT, env=mesh.env,
+        sys.executable, "-m", "meetmesh", "user", "grant-admin", name, cwd=ROOT, env=mesh.env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0 and out.decode().startswith("granted admin"), out.decode()

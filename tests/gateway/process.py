@@ -37,14 +37,14 @@ class GatewayProcess:
 @contextlib.asynccontextmanager
 async def gateway_process(redis_url: str, key_prefix: str, log: Path,
                           **env: str) -> AsyncIterator[GatewayProcess]:
-    """Start ``python -m shared.bus.cli gateway`` (``env``: more MEETMESH_* settings); stop it with
+    """Start ``python -m meetmesh gateway`` (``env``: more MEETMESH_* settings); stop it with
     SIGTERM after the block (SIGKILL if it hangs)."""
     port = free_port()
     environ = {**os.environ, "MEETMESH_REDIS_URL": redis_url, "MEETMESH_KEY_PREFIX": key_prefix,
                "MEETMESH_JWT_SECRET": SECRET, "MEETMESH_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1", **env}
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shared.bus.cli", "gateway", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, "-m", "meetmesh", "gateway", "--host", "127.0.0.1", "--port", str(port),
             cwd=ROOT, env=environ, stdout=out, stderr=asyncio.subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -26,11 +26,11 @@ from websockets.typing import Subprotocol
 from gateway.auth import mint, verify
 from gateway.errors import ApiError
 from gateway.settings import GatewaySettings
+from meetmesh.up import READY_LINE, signing_mode
 from services.common import ServiceSettings
 from services.user.revocation import revoke_tokens
 from shared.bus import ConfigError
 from shared.bus.credentials import KNOWN_DEV_SECRETS, dev_secret, signing_secret
-from shared.bus.up import READY_LINE, signing_mode
 
 from .conftest import SECRET, auth, free_port
 
@@ -124,7 +124,7 @@ def test_no_secret_outside_dev_mode_is_a_start_up_error_naming_it(no_secret: Pat
 def test_meetmesh_gateway_without_a_secret_exits_with_one_line(no_secret: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEETMESH_")}
     env["MEETMESH_DATA_DIR"] = str(no_secret)
-    done = subprocess.run([sys.executable, "-m", "shared.bus.cli", "gateway", "--port", "1"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "meetmesh", "gateway", "--port", "1"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith("meetmesh gateway: MEETMESH_JWT_SECRET"), done.stderr
@@ -186,7 +186,7 @@ def test_up_outside_dev_mode_needs_the_secret(no_secret: Path, monkeypatch: pyte
 
 
 async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "shared.bus.cli", *args, cwd=ROOT,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "meetmesh", *args, cwd=ROOT,
                                                 env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -197,7 +197,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 async def _up(port: int, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, list[str]]:
     """`meetmesh up` with the gateway and the user service only, once ready."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.bus.cli", "up", "--scale", "meeting=0,media=0,ai=0", "--port-base",
+        sys.executable, "-m", "meetmesh", "up", "--scale", "meeting=0,media=0,ai=0", "--port-base",
         str(port), "--grace", "20", "--ready-timeout", "60", cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None

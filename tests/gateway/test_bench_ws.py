@@ -1,4 +1,4 @@
-"""Smoke test of ``meetmesh bench ws`` (`gateway.bench`): tiny numbers, real processes (gateway, worker,
+"""Smoke test of ``meetmesh bench ws`` (`meetmesh.bench.ws`): tiny numbers, real processes (gateway, worker,
 client), checking the result's shape, that every socket was held and every task completed, and that the
 run removed its keys; never speed (the machine is shared)."""
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from gateway.bench import run
+from meetmesh.bench.ws import run
 from shared.bus import connect
 
 REDIS_URL = os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -81,4 +81,4 @@ async def test_bench_ws_over_two_gateways_spreads_the_sockets_and_completes_ever
     # the round-trip sockets alternate between the gateways, so half the tasks cross from one to the other
     assert rt["completed"] == 60 and rt["missing_results"] == 0 and rt["ok"] is True, result["logged"]
     assert result["targets"]["sockets_held"]["met"] is None  # a one-process target
-    assert any("2 x `python -m shared.bus.cli gateway`" in note for note in result["notes"])
+    assert any("2 x `python -m meetmesh gateway`" in note for note in result["notes"])

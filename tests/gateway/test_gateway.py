@@ -420,7 +420,7 @@ async def test_two_gateway_processes_a_task_reaches_the_socket_on_the_other(
     logs = [(tmp_path / f"gw{p}.log").open("wb") for p in ports]
     procs = [
         subprocess.Popen(  # noqa: ASYNC220 - returns at once; the children are polled below
-            [sys.executable, "-m", "shared.bus.cli", "gateway", "--port", str(p)],
+            [sys.executable, "-m", "meetmesh", "gateway", "--port", str(p)],
             cwd=ROOT,
             env=env,
             start_new_session=True,

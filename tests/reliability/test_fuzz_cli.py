@@ -17,7 +17,7 @@ FRAMES, SOCKETS = 1_000, 5
 @pytest.mark.timeout(180)
 def test_chaos_fuzz_ws_prints_a_summary_and_the_gateway_survives() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "shared.bus.cli", "chaos", "fuzz-ws", "--frames", str(FRAMES),
+        [sys.executable, "-m", "meetmesh", "chaos", "fuzz-ws", "--frames", str(FRAMES),
          "--sockets", str(SOCKETS), "--seed", "3", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -33,7 +33,7 @@ async def meetmesh(*args: str, mesh: Mesh, store: Store) -> tuple[int, str, str]
     if store.schema:
         env["MEETMESH_DATABASE_SCHEMA"] = store.schema
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.bus.cli", *args, cwd=ROOT, env=env,
+        sys.executable, "-m", "meetmesh", *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None

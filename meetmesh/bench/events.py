@@ -1,7 +1,7 @@
 """``meetmesh bench events``: `EventBus` publish rate and end-to-end latency, and the same for
 FastStream used directly on the same topology in the same run, so our layer's overhead is measured.
 
-Subscribers run in their own processes (``python -m shared.bus.bench_events sub ...``), one per
+Subscribers run in their own processes (``python -m meetmesh.bench.events sub ...``), one per
 service, as in production. Each times every event from its ``time`` (the publisher's wall clock,
 taken when the event is built) to its handler, so publisher and subscribers share this machine's clock.
 """
@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 
 import typer
 
-from .catalogue import Event, make_event
-from .errors import ConfigError
-from .events import FASTSTREAM_LOG, EventBus
-from .records import percentile
+from shared.bus.catalogue import Event, make_event
+from shared.bus.errors import ConfigError
+from shared.bus.events import FASTSTREAM_LOG, EventBus
+from shared.bus.records import percentile
 
 DEFAULT_URLS = {
     "redis": "redis://127.0.0.1:6379/8",  # db 8 for benches; the tests use db 9
@@ -72,7 +72,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
     if twin.scheme == "redis":
         from faststream.redis import RedisBroker
 
-        from .events_redis import RedisEventBus
+        from shared.bus.events_redis import RedisEventBus
 
         assert isinstance(twin, RedisEventBus)
         redis = RedisBroker(twin.url, **_BROKER_OPTIONS)
@@ -86,7 +86,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
     if twin.scheme == "nats":
         from faststream.nats import NatsBroker
 
-        from .events_nats import NatsEventBus
+        from shared.bus.events_nats import NatsEventBus
 
         assert isinstance(twin, NatsEventBus)
         nats = NatsBroker(twin.url, connect_timeout=3, max_reconnect_attempts=3, **_BROKER_OPTIONS)
@@ -102,7 +102,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
         return send_nats, nats.stop
     from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 
-    from .events_amqp import AmqpEventBus
+    from shared.bus.events_amqp import AmqpEventBus
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)
@@ -125,7 +125,7 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
     if twin.scheme == "redis":
         from faststream.redis import RedisBroker, StreamSub
 
-        from .events_redis import RedisEventBus
+        from shared.bus.events_redis import RedisEventBus
 
         assert isinstance(twin, RedisEventBus)
         redis = RedisBroker(twin.url, **_BROKER_OPTIONS)
@@ -142,7 +142,7 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
     if twin.scheme == "nats":
         from faststream.nats import ConsumerConfig, DeliverPolicy, NatsBroker
 
-        from .events_nats import NatsEventBus
+        from shared.bus.events_nats import NatsEventBus
 
         assert isinstance(twin, NatsEventBus)
         nats = NatsBroker(twin.url, connect_timeout=3, max_reconnect_attempts=3, **_BROKER_OPTIONS)
@@ -159,7 +159,7 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
         return nats.stop
     from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 
-    from .events_amqp import PREFETCH, AmqpEventBus, amqp_pattern
+    from shared.bus.events_amqp import PREFETCH, AmqpEventBus, amqp_pattern
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)
@@ -271,7 +271,7 @@ async def _paced(send: Send, n: int, rate: float) -> int:
 
 def _spawn(mode: str, url: str, prefix: str, service: str, count: int, out: Path,
            deadline: float) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "shared.bus.bench_events", "sub", mode, url, prefix, service, str(count),
+    argv = [sys.executable, "-m", "meetmesh.bench.events", "sub", mode, url, prefix, service, str(count),
             str(out), str(deadline)]
     with open(f"{out}.stderr", "wb") as err:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
@@ -467,9 +467,10 @@ def bench_events_cmd(
 ) -> None:
     """Publish rate, and p50/p99 from publish to handler in three subscribing services at a fixed rate,
     for EventBus and for FastStream used directly (the overhead of our layer)."""
-    from .cli import echo_json
-    from .cli import run as run_main
-    from .settings import BusSettings
+    from shared.bus.settings import BusSettings
+
+    from ..common import echo_json
+    from ..common import run as run_main
 
     if backend not in DEFAULT_URLS:
         raise typer.BadParameter(f"{backend!r}: use redis, nats or amqp", param_hint="'--backend'")
@@ -520,7 +521,7 @@ def _print(r: dict[str, Any]) -> None:
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m shared.bus.bench_events", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meetmesh.bench.events", description=__doc__)
     parser.add_argument("role", choices=["sub"])
     parser.add_argument("mode", choices=MODES)
     for name in ("url", "prefix", "service"):

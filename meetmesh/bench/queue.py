@@ -15,11 +15,11 @@ import time
 import uuid
 from typing import Any
 
-from .connection import connect
-from .handlers import Context, Router
-from .message import Message
-from .queue import Queue
-from .records import percentile
+from shared.bus.connection import connect
+from shared.bus.handlers import Context, Router
+from shared.bus.message import Message
+from shared.bus.queue import Queue
+from shared.bus.records import percentile
 
 router = Router()
 
@@ -34,8 +34,8 @@ async def noop(ctx: Context) -> float | None:
 def _start_worker(url: str, prefix: str, queue: str, concurrency: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MEETMESH_REDIS_URL": url, "MEETMESH_KEY_PREFIX": prefix,
            "MEETMESH_LOG_LEVEL": "WARNING"}
-    argv = [sys.executable, "-m", "shared.bus.cli", "worker", "--queue", queue,
-            "--app", "shared.bus.bench:router", "--concurrency", str(concurrency)]
+    argv = [sys.executable, "-m", "meetmesh", "worker", "--queue", queue,
+            "--app", "meetmesh.bench.queue:router", "--concurrency", str(concurrency)]
     return subprocess.Popen(argv, env=env, start_new_session=True)
 
 

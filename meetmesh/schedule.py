@@ -16,10 +16,10 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from .errors import BusError
-from .redact import install as install_redaction
-from .scheduler import Schedule, ScheduleInfo, Scheduler
-from .settings import BusSettings
+from shared.bus.errors import BusError
+from shared.bus.redact import install as install_redaction
+from shared.bus.scheduler import Schedule, ScheduleInfo, Scheduler
+from shared.bus.settings import BusSettings
 
 T = TypeVar("T")
 app = typer.Typer(help="Periodic jobs (interval or cron, fired once per cluster): list, add, remove, run.",
@@ -31,7 +31,7 @@ ScheduleName = Annotated[str, typer.Argument(help="Schedule name, unique under t
 
 def open_scheduler(fn: Callable[[Scheduler], Awaitable[T]], **options: Any) -> T:
     """Connect (or start a private Redis), run ``await fn(scheduler)``, close."""
-    from .cli import run
+    from .common import run
     from .embedded import ensure_redis
 
     async def main() -> T:
@@ -59,7 +59,7 @@ def _row(info: ScheduleInfo) -> dict[str, Any]:
 @app.command("list")
 def list_schedules(as_json: JsonFlag = False) -> None:
     """Every schedule: queue, type, timing, last fire and next fire (UTC)."""
-    from .cli import console, echo_json
+    from .common import console, echo_json
 
     infos = open_scheduler(lambda s: s.list())
     if as_json:
@@ -93,7 +93,7 @@ def add(
     as_json: JsonFlag = False,
 ) -> None:
     """Add a periodic job: give --every or --cron. Adding the same job again changes nothing."""
-    from .cli import console, echo_json
+    from .common import console, echo_json
 
     try:
         payload = json.loads(data)
@@ -115,7 +115,7 @@ def add(
 @app.command()
 def remove(name: ScheduleName) -> None:
     """Delete a schedule (it stops firing within one scheduler poll)."""
-    from .cli import console
+    from .common import console
 
     open_scheduler(lambda s: s.remove(name))
     console.print(f"removed schedule {name}")

@@ -8,11 +8,11 @@ import time
 
 from rich.console import Console
 
-from .errors import Retry
-from .handlers import Context, Router
-from .message import PRIORITIES
-from .queue import Queue
-from .worker import Worker
+from shared.bus.errors import Retry
+from shared.bus.handlers import Context, Router
+from shared.bus.message import PRIORITIES
+from shared.bus.queue import Queue
+from shared.bus.worker import Worker
 
 COLOURS = {"critical": "bold red", "high": "yellow", "normal": "green", "low": "blue"}
 

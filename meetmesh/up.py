@@ -36,8 +36,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .errors import ConfigError
-from .redact import redact
+from shared.bus.errors import ConfigError
+from shared.bus.redact import redact
 
 SERVICES = ("user", "meeting", "media", "ai")
 DEFAULT_PORT_BASE = 8000
@@ -144,11 +144,11 @@ def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_POR
     """The mesh's processes and shared ``MEETMESH_*`` ports and URLs (see the module's docstring).
     With ``edge_keys_dir`` (keys `edge_keys.create_keys` makes there, one pair per edge node, named
     as the node), each ai replica's bridge and its edge node talk CURVE with those keys."""
-    from .edge_keys import bridge_settings, node_settings
+    from shared.bus.edge_keys import bridge_settings, node_settings
 
     counts = {name: 1 for name in SERVICES} | dict(scale or {})
     offset = port_base - DEFAULT_PORT_BASE
-    cli = [python, "-m", "shared.bus.cli"]
+    cli = [python, "-m", "meetmesh"]
     shost = _host_for_clients(service_host)
     env: dict[str, str] = {"MEETMESH_HOST": host, "MEETMESH_PORT": str(port_base)}
     procs: list[Proc] = []
@@ -484,7 +484,7 @@ def signing_mode(folder: Path, environ: Mapping[str, str] | None = None) -> tupl
     folder's development secret, ``<folder>/dev-secret`` (mode 0600), made on the first run and kept,
     so tokens stay valid across restarts and ``meetmesh token``/``submit`` in another shell find it.
     Any other mode needs the secret configured (`ConfigError` otherwise)."""
-    from .credentials import DEV, ENV_VARIABLE, dev_secret, dev_secret_path, is_dev, secret_from_env
+    from shared.bus.credentials import DEV, ENV_VARIABLE, dev_secret, dev_secret_path, is_dev, secret_from_env
 
     env = os.environ if environ is None else environ
     mode = env.get(ENV_VARIABLE) or DEV
@@ -566,9 +566,10 @@ def up_cmd(
     (made once), which `meetmesh token` and `meetmesh submit` find there too.
     Ctrl-C or SIGTERM stops everything gracefully; if any process dies, everything stops
     (exit code 1)."""
-    from .cli import run
-    from .connection import redact_url
-    from .settings import BusSettings
+    from shared.bus.connection import redact_url
+    from shared.bus.settings import BusSettings
+
+    from .common import run
 
     console = Console(highlight=False)
     settings = BusSettings.load()
@@ -579,15 +580,15 @@ def up_cmd(
                   edge_model=edge_model, edge_capacity=edge_capacity, edge_token_delay=edge_token_delay,
                   stackflow=stackflow, edge_keys_dir=folder / EDGE_KEYS_DIR)
     # CURVE between the ai services' bridges and their edge nodes: a key pair each, kept for restarts
-    from .edge_keys import create_keys
+    from shared.bus.edge_keys import create_keys
 
     create_keys(folder / EDGE_KEYS_DIR, [p.name for p in layout.procs if p.stage == STAGE_EDGE])
     try:
         mode_env, mode_note = signing_mode(folder)
     except ConfigError as exc:
         sys.exit(f"meetmesh up: {exc}")
-    from .credentials import find_dev_secret
-    from .redact import install
+    from shared.bus.credentials import find_dev_secret
+    from shared.bus.redact import install
 
     install(secrets=[find_dev_secret(folder)])  # up's own records, tracebacks and children's lines
     console.print(f"meetmesh up: {mode_note}", highlight=False, soft_wrap=True)
@@ -641,8 +642,8 @@ def free_port() -> int:
 
 async def _answers(url: str) -> bool:
     """Does a Redis answer at ``url``?"""
-    from .connection import connect
-    from .errors import BusConnectionError
+    from shared.bus.connection import connect
+    from shared.bus.errors import BusConnectionError
 
     try:
         client = await connect(url)
@@ -658,7 +659,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """``python -m shared.bus.up [OPTIONS]``: ``meetmesh up`` on its own."""
+    """``python -m meetmesh.up [OPTIONS]``: ``meetmesh up`` on its own."""
     standalone = typer.Typer(add_completion=False)
     standalone.command()(up_cmd)
     return standalone(argv)

@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .message import PRIORITIES
+from shared.bus.message import PRIORITIES
 
 SUBMIT_ID = "submit"
 
@@ -45,7 +45,7 @@ def resolve_token(token: str | None, user: str | None) -> str:
     if not user:
         sys.exit("meetmesh submit: no token: pass --token, set MEETMESH_TOKEN (e.g. the access_token of "
                  "/api/v1/auth/login), or name a registered user with --user NAME to mint one")
-    from services.user.cli import mint_for_user  # the CLI's app layer, imported only here
+    from .user import mint_for_user
 
     return mint_for_user(user, command="submit")
 
@@ -239,7 +239,7 @@ def submit_cmd(
         "--json", help="Print JSON lines: the answer, or with --wait every frame.")] = False,
 ) -> None:
     """Submit a task through the gateway; with --wait, follow it live (exit code 0 only if it completed)."""
-    from .cli import run
+    from .common import run
 
     try:
         payload = json.loads(data)
@@ -268,7 +268,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """``python -m shared.bus.submit TYPE ...``: ``meetmesh submit`` on its own."""
+    """``python -m meetmesh.submit TYPE ...``: ``meetmesh submit`` on its own."""
     standalone = typer.Typer(add_completion=False)
     standalone.command()(submit_cmd)
     return standalone(argv)

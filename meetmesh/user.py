@@ -13,9 +13,8 @@ import typer
 
 if TYPE_CHECKING:
     from services.common import ServiceSettings
-
-    from .admin import UserStore
-    from .schemas import UserOut
+    from services.user.admin import UserStore
+    from services.user.schemas import UserOut
 
 T = TypeVar("T")
 app = typer.Typer(help="Accounts: grant or revoke the admin role, delete a user.", no_args_is_help=True)
@@ -40,9 +39,9 @@ def run_on_store(fn: Callable[[UserStore], Awaitable[T]], secret: str | None = N
                  command: str = "user") -> T:
     """``fn(store)`` on the user store; a missing user or an unreachable store is one line, exit 1."""
     from services.common import ServiceError
-    from shared.bus.cli import run
+    from services.user.admin import UserStore
 
-    from .admin import UserStore
+    from .common import run
 
     settings = settings_for_tools(secret)
 

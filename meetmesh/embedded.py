@@ -16,8 +16,8 @@ import sys
 import tempfile
 from typing import Any
 
-from .connection import connect, redact_url
-from .errors import BusConnectionError
+from shared.bus.connection import connect, redact_url
+from shared.bus.errors import BusConnectionError
 
 
 def _free_port() -> int:

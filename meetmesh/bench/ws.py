@@ -3,8 +3,8 @@ the submit-to-result round trip (gateway, dispatcher, queue, a no-op service, re
 with every socket still held.
 
 Everything runs as in production, each in its own process: ``meetmesh gateway`` (uvicorn, its defaults),
-``meetmesh worker --queue ai --app gateway.bench:noop_router``, and client processes
-(``python -m gateway.bench client ...``) that open the sockets, wait for each ``welcome``, and hold
+``meetmesh worker --queue ai --app meetmesh.bench.ws:noop_router``, and client processes
+(``python -m meetmesh.bench.ws client ...``) that open the sockets, wait for each ``welcome``, and hold
 them. The first client process then sends ``submit`` frames over 100 of its sockets, round-robin,
 the i-th at t0 + i/rate, and times each from just before its frame is sent to its ``result`` frame.
 The run uses a key prefix of its own and deletes its keys at the end.
@@ -39,10 +39,9 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.metrics import sample_loop_lag
 from shared.bus import ConfigError, Context, Router
 from shared.bus.records import percentile
-
-from .metrics import sample_loop_lag
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/8"  # db 8 for benches; the tests use db 9
 TARGET_SOCKETS = 10_000
@@ -205,7 +204,7 @@ async def _round_trips(sockets: list[Any], tasks: int, rate: float,
 async def _client(urls: list[str], first: int, count: int) -> None:
     """Open ``count`` sockets (users bench-<first>...; socket n on ``urls[n % len(urls)]``), report,
     then obey commands on stdin."""
-    from .auth import mint
+    from gateway.auth import mint
 
     secret = os.environ["MEETMESH_JWT_SECRET"]
     errors: dict[str, int] = {}
@@ -612,7 +611,7 @@ async def run(
             "MEETMESH_SUBMIT_BURST": "1000000",
         }
     )
-    from .auth import mint
+    from gateway.auth import mint
 
     admin = mint(secret, "bench-admin", admin=True)
     processes = math.ceil(clients / per_process)
@@ -633,15 +632,15 @@ async def run(
             py = sys.executable
             gws = [
                 await _Child.spawn(
-                    f"gateway-{k}", [py, "-m", "shared.bus.cli", "gateway", "--port", str(port)], env, work
+                    f"gateway-{k}", [py, "-m", "meetmesh", "gateway", "--port", str(port)], env, work
                 )
                 for k, port in enumerate(ports)
             ]
             children.extend(gws)
             worker = await _Child.spawn(
                 "worker",
-                [py, "-m", "shared.bus.cli", "worker", "--queue", NOOP_QUEUE,
-                 "--app", "gateway.bench:noop_router"],
+                [py, "-m", "meetmesh", "worker", "--queue", NOOP_QUEUE,
+                 "--app", "meetmesh.bench.ws:noop_router"],
                 env,
                 work,
             )
@@ -661,7 +660,7 @@ async def run(
             for k, share in enumerate(shares):
                 child = await _Child.spawn(
                     f"client-{k}",
-                    [py, "-m", "gateway.bench", "client", ",".join(ws_urls), str(first), str(share)],
+                    [py, "-m", "meetmesh.bench.ws", "client", ",".join(ws_urls), str(first), str(share)],
                     env,
                     work,
                     pipes=True,
@@ -769,7 +768,7 @@ async def run(
         and out.get("sockets_open_at_end") == clients
     )
     out["notes"] = [
-        f"gateway: {gateways} x `python -m shared.bus.cli gateway` (uvicorn, its defaults) with "
+        f"gateway: {gateways} x `python -m meetmesh gateway` (uvicorn, its defaults) with "
         "MEETMESH_SUBMIT_RATE and MEETMESH_SUBMIT_BURST 1e6 (one user per socket anyway); with more than "
         "one, sockets are spread over them round-robin and RSS and CPU are their sums",
         f"sockets: {processes} client process(es), websockets with permessage-deflate offered (as "
@@ -828,8 +827,8 @@ def bench_ws_cmd(
 ) -> None:
     """Sockets one gateway process holds and its RSS per 1,000, then submit-to-result p50/p99 through
     gateway, dispatcher, queue and a no-op service at a fixed rate, every socket still held."""
-    from shared.bus.cli import echo_json
-    from shared.bus.cli import run as run_main
+    from ..common import echo_json
+    from ..common import run as run_main
 
     result = run_main(lambda: run(clients=clients, rate=rate, tasks=tasks, redis_url=redis_url,
                                   gateways=gateways))
@@ -899,7 +898,7 @@ def _print(r: dict[str, Any]) -> None:
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meetmesh.bench.ws", description=__doc__)
     parser.add_argument("role", choices=["client"])
     parser.add_argument("urls", help="the gateways' WebSocket URLs, comma-separated")
     parser.add_argument("first", type=int)

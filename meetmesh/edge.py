@@ -1,6 +1,6 @@
 """``meetmesh edge-node``, ``meetmesh edge keys`` and ``meetmesh bench edge``: run a reference edge
 LLM node; make the CURVE keys of a bridge and its nodes; benchmark the bridge. `register` adds them
-to the ``meetmesh`` app; ``python -m shared.bus.edge_cli`` runs them on their own."""
+to the ``meetmesh`` app; ``python -m meetmesh.edge`` runs them on their own."""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ def edge_node_cmd(
     clients over TCP."""
     from edge_node.models import load_model
     from edge_node.node import EdgeNode, EdgeUnits
+    from shared.bus.settings import BusSettings
 
-    from .cli import run
-    from .settings import BusSettings
+    from .common import run
 
     logging.basicConfig(level=BusSettings.load().log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .redact import install
+    from shared.bus.redact import install
 
     install()  # no token or secret in any log line
 
@@ -82,8 +82,8 @@ def bench_edge_cmd(
     """Bridge overhead: requests/s and latency through the bridge and an echo node against a raw
     pyzmq DEALER/ROUTER echo; tokens/s of SmolLM2 through bridge and node against llama-cpp-python
     called directly. Each pair in the same run, rounds alternating."""
-    from .bench_edge import print_result, run_bench
-    from .cli import echo_json, run
+    from .bench.edge import print_result, run_bench
+    from .common import echo_json, run
 
     result = run(lambda: run_bench(requests=requests, concurrency=concurrency,
                                    latency_requests=latency_requests, rounds=rounds, tokens=tokens,
@@ -102,7 +102,7 @@ def edge_keys_cmd(
 ) -> None:
     """Make CURVE key pairs for the edge bridge and its nodes (zmq.auth certificates), and print the
     settings each side runs with. Existing key pairs are kept."""
-    from .edge_keys import create_keys
+    from shared.bus.edge_keys import create_keys
 
     made = create_keys(directory, nodes=node or ["node"])
     if as_json:
@@ -138,7 +138,7 @@ def _standalone() -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """``python -m shared.bus.edge_cli edge-node ...`` / ``... bench edge ...``."""
+    """``python -m meetmesh.edge edge-node ...`` / ``... bench edge ...``."""
     return _standalone()(argv)
 
 

@@ -26,9 +26,9 @@ from typing import IO, Any
 import zmq
 import zmq.asyncio
 
-from .edge import EdgeBridge
-from .records import percentile
-from .stackflow import MESSAGE, Template
+from shared.bus.edge import EdgeBridge
+from shared.bus.records import percentile
+from shared.bus.stackflow import MESSAGE, Template
 
 TARGET_ADDED_P99_MS = 1.0
 TARGET_TOKEN_RATIO = 0.95
@@ -114,7 +114,7 @@ class _RawEcho:
         self.sock = self.context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("tcp://127.0.0.1:*")
-        self.proc = _child("shared.bus.bench_edge", "echo", self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.proc = _child("meetmesh.bench.edge", "echo", self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self.peer = b""
         self._waiting: list[asyncio.Future[None]] = []
         self._receiver: asyncio.Task[None] | None = None
@@ -157,7 +157,7 @@ async def _echo_peer(endpoint: str) -> None:
 @contextlib.asynccontextmanager
 async def _bridge_with_node(*node_args: str, model: str, timeout: float) -> AsyncIterator[EdgeBridge]:
     async with EdgeBridge("tcp://127.0.0.1:*", request_timeout=600, curve="off") as bridge:
-        proc = _child("shared.bus.edge_cli", "edge-node", "--connect", bridge.endpoint, "--stackflow-port",
+        proc = _child("meetmesh.edge", "edge-node", "--connect", bridge.endpoint, "--stackflow-port",
                       "0", "--name", "bench-node", *node_args)
         try:
             try:
@@ -318,7 +318,7 @@ def print_result(r: dict[str, Any]) -> None:
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m shared.bus.bench_edge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meetmesh.bench.edge", description=__doc__)
     parser.add_argument("role", choices=["echo"])
     parser.add_argument("endpoint")
     args = parser.parse_args()

@@ -2,102 +2,44 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .errors import BusError
-from .message import PRIORITIES
-from .queue import Queue
-from .redact import install as install_redaction
-from .settings import BusSettings
-from .worker import Worker
+from reliability.cli import register as register_chaos
+from shared.bus.errors import BusError
+from shared.bus.message import PRIORITIES
+from shared.bus.queue import Queue
+from shared.bus.redact import install as install_redaction
+from shared.bus.settings import BusSettings
+from shared.bus.worker import Worker
 
-T = TypeVar("T")
-app = typer.Typer(help="MeetMesh: event bus and service mesh for real-time meeting apps.",
-                  no_args_is_help=True, add_completion=False)
-queue_app = typer.Typer(help="Inspect and operate queues.", no_args_is_help=True)
-dlq_app = typer.Typer(help="Dead letters: list, replay, purge.", no_args_is_help=True)
-task_app = typer.Typer(help="One task: show, cancel.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (print a table, or JSON with --json).", no_args_is_help=True)
-app.add_typer(queue_app, name="queue")
-app.add_typer(dlq_app, name="dlq")
-app.add_typer(task_app, name="task")
-app.add_typer(bench_app, name="bench")
-console = Console()
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-QueueName = Annotated[str, typer.Argument(help="Queue name.")]
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on uvloop when available; turn BusErrors into one-line exits."""
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        return asyncio.run(main())
-    except BusError as exc:
-        sys.exit(f"meetmesh: {exc}")
-
-
-def open_queue(name: str, **options: Any) -> Callable[[Callable[[Queue], Awaitable[T]]], T]:
-    """``open_queue("q")(fn)`` connects (or starts a private Redis), runs ``await fn(queue)``, closes."""
-
-    def call(fn: Callable[[Queue], Awaitable[T]]) -> T:
-        async def main() -> T:
-            from .embedded import ensure_redis
-
-            settings = BusSettings.load()
-            _, redis = await ensure_redis(settings.redis_url, configured=settings.redis_url_configured)
-            try:
-                kept = settings.retention
-                return await fn(Queue(name, redis, prefix=settings.key_prefix, **{**kept, **options}))
-            finally:
-                await redis.aclose()
-
-        return run(main)
-
-    return call
-
-
-async def check_redis(url: str) -> None:
-    """Raise `BusConnectionError` naming ``url`` (password hidden) unless a Redis answers there."""
-    from .connection import connect
-
-    redis = await connect(url)
-    await redis.aclose()
-
-
-def load_app(spec: str) -> Mapping[str, Any]:
-    """``module:object`` -> a Router/mapping of handlers (a callable is called to get one)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise typer.BadParameter(f"{spec!r}: use module:object, e.g. services.media.worker:router")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise typer.BadParameter(f"cannot load {spec!r}: {exc}") from exc
-    if callable(obj) and not isinstance(obj, Mapping):
-        obj = obj()
-    if not isinstance(obj, Mapping):
-        raise typer.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a Router of handlers")
-    return obj
-
-
-def echo_json(value: Any) -> None:
-    print(json.dumps(value, default=str, indent=2))
+from .bench.events import bench_events_cmd
+from .bench.ws import bench_ws_cmd
+from .common import (
+    JsonFlag,
+    QueueName,
+    app,
+    bench_app,
+    check_redis,
+    console,
+    dlq_app,
+    echo_json,
+    load_app,
+    open_queue,
+    queue_app,
+    run,
+    task_app,
+)
+from .edge import register as register_edge
+from .schedule import app as schedule_app
+from .submit import register as register_submit
+from .up import register as register_up
+from .user import register as register_user
 
 
 @app.command()
@@ -252,7 +194,7 @@ def demo(
 
 
 def _bench_queue(jobs: int, concurrency: int, rate: float, latency_jobs: int, as_json: bool) -> None:
-    from .bench import bench_queue
+    from .bench.queue import bench_queue
     from .embedded import ensure_redis
 
     async def main() -> dict[str, Any]:
@@ -287,7 +229,7 @@ def asyncapi(
     out: Annotated[str | None, typer.Option("--out", "-o", help="File to write (default: stdout).")] = None,
 ) -> None:
     """Write the AsyncAPI 3.0 document of the event catalogue (JSON)."""
-    from .asyncapi import document
+    from shared.bus.asyncapi import document
 
     text = json.dumps(document(), indent=2) + "\n"
     if out is None:
@@ -341,7 +283,7 @@ def token(
     file in MEETMESH_DATA_DIR, ./.meetmesh); the token carries its id and its roles (admin only after
     `meetmesh user grant-admin NAME`). Signed with MEETMESH_JWT_SECRET (or MEETMESH_JWT_SECRET_FILE),
     else with the development secret `meetmesh up` keeps in the data folder."""
-    from services.user.cli import mint_for_user
+    from .user import mint_for_user
 
     print(mint_for_user(user, ttl))
 
@@ -357,29 +299,14 @@ def service_cmd(
     run_service(name, port=port)
 
 
-def _register_sub_apps() -> None:
-    # Imported here, not at the top: these modules import helpers from this one.
-    from gateway.bench import bench_ws_cmd
-    from reliability.cli import register as register_chaos
-    from services.user.cli import register as register_user
-
-    from .bench_events import bench_events_cmd
-    from .cli_schedule import app as schedule_app
-    from .edge_cli import register as register_edge
-    from .submit import register as register_submit
-    from .up import register as register_up
-
-    app.add_typer(schedule_app, name="schedule")
-    bench_app.command("events")(bench_events_cmd)
-    register_edge(app, bench_app)
-    bench_app.command("ws")(bench_ws_cmd)
-    register_up(app)
-    register_submit(app)
-    register_chaos(app)
-    register_user(app)
-
-
-_register_sub_apps()
+app.add_typer(schedule_app, name="schedule")
+bench_app.command("events")(bench_events_cmd)
+register_edge(app, bench_app)
+bench_app.command("ws")(bench_ws_cmd)
+register_up(app)
+register_submit(app)
+register_chaos(app)
+register_user(app)
 
 
 def main() -> None:

@@ -1,0 +1,5 @@
+"""``python -m meetmesh ...``: the ``meetmesh`` command."""
+
+from .main import main
+
+main()
