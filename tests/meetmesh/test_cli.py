@@ -69,7 +69,7 @@ async def test_pause_resume_and_dead_letters(env: dict[str, str], make_queue: An
 
 
 def test_a_configured_unreachable_redis_is_an_error_not_a_private_one(env: dict[str, str]) -> None:
-    # (A private Redis is only started when no URL is configured: tests/bus/test_cli_redis_url.py.)
+    # (A private Redis is only started when no URL is configured: tests/meetmesh/test_cli_redis_url.py.)
     env = {**env, "MEETMESH_REDIS_URL": "redis://127.0.0.1:1/0"}
     out = meetmesh("queue", "stats", "ops", "--json", env=env)
     assert out.returncode != 0 and out.stdout == ""
