@@ -33,7 +33,7 @@ from .auth import Principal, authenticate
 from .errors import ApiError, from_bus_error
 from .frames import MAX_SAFE_INT, FrameError, parse_frame, safe_id
 from .limits import CLOSE_TRY_AGAIN, socket_slot
-from .rest import TaskSubmit, owned_record, submit
+from .tasks import TaskSubmit, owned_record, submit
 
 log = logging.getLogger(__name__)
 router = APIRouter()
