@@ -18,7 +18,7 @@ from shared.bus import EventBus, connect
 from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import SessionHub
 
-from . import errors, logs, rest, services, ws
+from . import errors, logs, rest, upstream, ws
 from .auth import Admin
 from .limits import BodyLimit, user_limits
 from .live import Live
@@ -116,7 +116,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(rest.router)
     app.include_router(ws.router)
-    services.install(app, settings)  # MeetMesh services: their REST under /api/v1, proxied
+    upstream.install(app, settings)  # MeetMesh services: their REST under /api/v1, proxied
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document less the 422 it adds to every operation: invalid input answers 400 here,

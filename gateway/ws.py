@@ -28,7 +28,7 @@ from shared.bus.catalogue import check_pattern
 from shared.bus.dispatcher import Dispatcher
 from shared.bus.sessions import CLOSE_GOING_AWAY, Session, SessionForbidden, SessionHub, SessionState
 
-from . import services
+from . import upstream
 from .auth import Principal, authenticate
 from .errors import ApiError, from_bus_error
 from .frames import MAX_SAFE_INT, FrameError, parse_frame, safe_id
@@ -227,7 +227,7 @@ class Connection:
             self.hub.watch_task(self.session, task_id)
         else:
             # MeetMesh services: meeting.<id> is for the meeting's participants (and admins) only
-            await services.may_follow(self.ws.app.state, self.principal, topic)
+            await upstream.may_follow(self.ws.app.state, self.principal, topic)
             self.hub.subscribe(self.session, topic)
         self.session.push({"type": "subscribed", "id": frame.get("id"), "topic": topic})
 
