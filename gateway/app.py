@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse
 
 from shared.bus import EventBus, connect
 from shared.bus.dispatcher import Dispatcher
-from shared.bus.sessions import SessionHub
 
 from . import errors, logs, rest, upstream, ws
 from .auth import Admin
+from .hub import SessionHub
 from .limits import BodyLimit, user_limits
 from .live import Live
 from .metrics import Metrics

@@ -13,7 +13,8 @@ from typing import Any
 from shared.bus import EventBus, TaskStatus
 from shared.bus.dispatcher import TaskUpdate
 from shared.bus.relay import SeqFilter
-from shared.bus.sessions import SessionHub
+
+from .hub import SessionHub
 
 log = logging.getLogger(__name__)
 TASK_TOPIC = "task."

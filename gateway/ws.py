@@ -26,13 +26,14 @@ from pydantic import ValidationError
 from shared.bus import BusError, InvalidMessage
 from shared.bus.catalogue import check_pattern
 from shared.bus.dispatcher import Dispatcher
-from shared.bus.sessions import CLOSE_GOING_AWAY, Session, SessionForbidden, SessionHub, SessionState
 
 from . import upstream
 from .auth import Principal, authenticate
 from .errors import ApiError, from_bus_error
 from .frames import MAX_SAFE_INT, FrameError, parse_frame, safe_id
+from .hub import SessionHub
 from .limits import CLOSE_TRY_AGAIN, socket_slot
+from .session import CLOSE_GOING_AWAY, Session, SessionForbidden, SessionState
 from .tasks import TaskSubmit, owned_record, submit
 
 log = logging.getLogger(__name__)

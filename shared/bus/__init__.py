@@ -30,14 +30,6 @@ from .queue import Enqueued, Queue
 from .ratelimit import LimitExceeded, UserLimits
 from .records import QueueStats
 from .scheduler import Firing, Schedule, ScheduleInfo, Scheduler
-from .sessions import (
-    ResumeGap,
-    Session,
-    SessionForbidden,
-    SessionHub,
-    SessionNotFound,
-    SessionState,
-)
 from .settings import BusSettings
 from .worker import Worker
 
@@ -78,7 +70,6 @@ __all__ = [
     "QueueStats",
     "RateLimited",
     "Reject",
-    "ResumeGap",
     "Retention",
     "Retry",
     "Router",
@@ -87,11 +78,6 @@ __all__ = [
     "ScheduleNotFound",
     "Scheduler",
     "SchedulerKeys",
-    "Session",
-    "SessionForbidden",
-    "SessionHub",
-    "SessionNotFound",
-    "SessionState",
     "Submitted",
     "TaskError",
     "TaskNotFound",

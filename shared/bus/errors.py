@@ -10,9 +10,6 @@ Errors (raised by the bus to its callers)::
     ├── TaskNotFound           no task with that id (never existed, or its record expired)
     ├── ScheduleNotFound       no schedule with that name (never added, or removed)
     ├── IllegalTransition      a task (or a client session) cannot make the move asked for
-    ├── SessionNotFound        no resumable session with that id (sessions.py)
-    ├── SessionForbidden       the session belongs to another user (sessions.py)
-    ├── ResumeGap              frames after `last_seq` are no longer kept (sessions.py)
     └── StackFlowError         an edge node's StackFlow error (code, message) (stackflow.py)
         ├── EdgeBusy           -21: every live node serving the model is full (-> RateLimited)
         ├── EdgeUnavailable    -6: no live node serves the model

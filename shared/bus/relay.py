@@ -82,6 +82,9 @@ class TaskUpdate(BaseModel):
 
 
 _UPDATE_FIELDS = tuple(TaskUpdate.model_fields)
+# What the relay hands each update to in the process that holds the lease (`Relay.local`): the gateway
+# implements it (`gateway.live.Live.update`, to its sessions); the library knows nothing of sessions.
+UpdateSink = Callable[[TaskUpdate], None]
 
 
 def _built_update(values: dict[str, Any]) -> TaskUpdate:
@@ -212,7 +215,7 @@ class Relay:
         self._unacked: list[_Batch] = []  # relayed without a broadcast: acknowledged with the next read
         self._following = False  # registered as a follower (renewed while `run()` runs)
         self._others = True  # whether another instance followed at the last read
-        self.local: Callable[[TaskUpdate], None] | None = None
+        self.local: UpdateSink | None = None
 
     @property
     def leading(self) -> bool:

@@ -466,9 +466,9 @@ async def test_two_gateway_processes_a_task_reaches_the_socket_on_the_other(
 
 def test_a_finished_task_leaves_the_sessions_index() -> None:
     """A session submitting for hours must not keep every task it ever had: the result unindexes it."""
+    from gateway.hub import SessionHub
     from gateway.live import Live
     from shared.bus.dispatcher import TaskUpdate
-    from shared.bus.sessions import SessionHub
 
     hub = SessionHub()
     live = Live(events=None, hub=hub)  # type: ignore[arg-type]  # routing only: no broadcast read here

@@ -15,20 +15,19 @@ from typing import Any
 
 import pytest
 
-from shared.bus import BusError, IllegalTransition, InvalidMessage
-from shared.bus.sessions import (
+from gateway.hub import REAP_SLICE, SessionHub
+from gateway.session import (
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
     CLOSE_SLOW_CLIENT,
     CLOSE_SUPERSEDED,
-    REAP_SLICE,
     ResumeGap,
     Session,
     SessionForbidden,
-    SessionHub,
     SessionNotFound,
     SessionState,
 )
+from shared.bus import BusError, IllegalTransition, InvalidMessage
 
 
 class FakeClock:
