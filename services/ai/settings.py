@@ -7,9 +7,9 @@ import re
 
 from pydantic import Field, ValidationError
 
-from edge_node.models import DEFAULT_MODEL
 from services.common import ServiceSettings
 from shared.bus import ConfigError
+from shared.bus.stackflow import DEFAULT_MODEL
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 

@@ -49,6 +49,7 @@ from .errors import BusError, HandlerSignal, RateLimited, Reject, Retry, describ
 UNIT = "llm"                         # the unit name; instances are "llm.1001", "llm.1002", ...
 STREAM_FORMAT = "llm.utf-8.stream"   # response_format / input object of streamed text
 TEXT_FORMAT = "llm.utf-8"            # ... of plain text
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the model name clients ask for and the reference node serves
 Template = Literal["chat", "summarize", "translate", "action_items"]
 REGISTER, BEAT, MESSAGE, BYE = b"R", b"H", b"M", b"B"  # ZeroMQ frame kinds
 WELCOME, CANCEL, UNKNOWN = b"W", b"C", b"?"
