@@ -24,6 +24,7 @@ from .limits import BodyLimit, user_limits
 from .live import Live
 from .metrics import Metrics
 from .settings import GatewaySettings
+from .task_routes import TASK_ROUTES
 
 log = logging.getLogger(__name__)
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -46,8 +47,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # Updates go through the broker only while another gateway follows them: a lone gateway
         # (or the one relaying) hands its sessions their updates directly.
         limits = user_limits(redis, settings)  # per user, shared by every gateway (docs/gateway.md, Limits)
-        dispatcher = Dispatcher(redis, events=events, prefix=settings.key_prefix, relay_broadcast="followed",
-                                admission=limits,
+        dispatcher = Dispatcher(redis, events=events, routes=TASK_ROUTES, prefix=settings.key_prefix,
+                                relay_broadcast="followed", admission=limits,
                                 queue_options={**settings.retention,
                                                "max_message_bytes": settings.max_payload_bytes})
         hub = SessionHub(

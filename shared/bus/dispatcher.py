@@ -34,19 +34,10 @@ from .message import Message, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
 from .relay import LEASE_SECONDS, Relay, TaskUpdate
 
-__all__ = ["DEFAULT_ROUTES", "Admission", "Dispatcher", "Submitted", "TaskUpdate"]
+__all__ = ["Admission", "Dispatcher", "Submitted", "TaskUpdate"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROUTES: dict[str, str] = {
-    **{t: "ai" for t in ("ai.summarize", "ai.chat", "ai.translate", "ai.action_items",
-                         "ai.speech_recognition", "ai.emotion_detection")},
-    **{t: "media" for t in ("media.cover", "media.transcode", "media.recording.start",
-                            "media.recording.stop", "media.stream.start", "media.stream.stop")},
-    **{t: "meeting" for t in ("meeting.create", "meeting.join", "meeting.leave", "meeting.end",
-                              "meeting.mute", "meeting.unmute", "meeting.kick")},
-    "user.profile.update": "user",
-}
 SWEEP_EVERY = 0.05        # seconds between deadline sweeps
 SWEEP_BATCH = 500         # due deadlines taken per read
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")  # no dots: ids are "<queue>.<id>"
@@ -78,7 +69,8 @@ class Admission(Protocol):
 class Dispatcher:
     """Routes tasks to their service's queue and follows them. One per gateway process.
 
-    ``routes`` (task type -> queue name) replaces `DEFAULT_ROUTES`; ``queue_options`` are passed to
+    ``routes`` (task type -> queue name) is the application's configuration, required (the gateway
+    passes the services' task routes); ``queue_options`` are passed to
     every `Queue`. ``run()`` sweeps deadlines and, given ``events``, runs the relay (``relay``), which
     broadcasts status changes while it holds the cluster's relay lease (``relay_lease_seconds``):
     every one, or with ``relay_broadcast="followed"`` only while another instance follows them
@@ -90,7 +82,10 @@ class Dispatcher:
                  queue_options: Mapping[str, Any] | None = None, publish_status_events: bool = False,
                  relay_lease_seconds: float = LEASE_SECONDS, relay_broadcast: str = "always",
                  admission: Admission | None = None) -> None:
-        self.routes: dict[str, str] = dict(DEFAULT_ROUTES if routes is None else routes)
+        if routes is None:
+            raise ConfigError("the dispatcher needs routes= (task type -> queue name): which queue serves "
+                              "each task type is the application's configuration")
+        self.routes: dict[str, str] = dict(routes)
         if not self.routes:
             raise ConfigError("the dispatcher needs at least one route")
         for type_, queue in self.routes.items():

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.task_routes import TASK_ROUTES
 from shared.bus import InvalidMessage, Queue, TaskStatus
 from shared.bus.dispatcher import Dispatcher
 from shared.bus.keys import dedupe_suffix
@@ -52,7 +53,7 @@ def test_an_unknown_scope_is_refused(make_queue: MakeQueue) -> None:
 
 
 async def test_dispatcher_two_owners_same_key_never_share_a_task(redis: Any, key_prefix: str) -> None:
-    d = Dispatcher(redis, prefix=key_prefix)
+    d = Dispatcher(redis, routes=TASK_ROUTES, prefix=key_prefix)
     alice = await d.submit(owner="alice", type="ai.summarize", dedupe_key="sum:m1", timeout_s=30)
     bob = await d.submit(owner="bob", type="ai.summarize", dedupe_key="sum:m1", timeout_s=30)
     assert alice.created and bob.created and bob.task_id != alice.task_id
@@ -69,7 +70,7 @@ async def test_dispatcher_two_owners_same_key_never_share_a_task(redis: Any, key
 async def test_dispatcher_on_shared_keys_refuses_a_hit_on_another_owners_task(
     redis: Any, key_prefix: str
 ) -> None:
-    d = Dispatcher(redis, prefix=key_prefix, queue_options={"dedupe_scope": "queue"})
+    d = Dispatcher(redis, routes=TASK_ROUTES, prefix=key_prefix, queue_options={"dedupe_scope": "queue"})
     alice = await d.submit(owner="alice", type="ai.summarize", dedupe_key="sum:m1", timeout_s=30)
     with pytest.raises(InvalidMessage, match="not yours") as refused:
         await d.submit(owner="bob", type="ai.summarize", dedupe_key="sum:m1")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from redis import exceptions as redis_errors
 
+from gateway.task_routes import TASK_ROUTES as DEFAULT_ROUTES
 from shared.bus import (
     ConfigError,
     Context,
@@ -31,7 +32,7 @@ from shared.bus import (
     TaskStatus,
     connect,
 )
-from shared.bus.dispatcher import DEFAULT_ROUTES, Dispatcher, TaskUpdate
+from shared.bus.dispatcher import Dispatcher, TaskUpdate
 from shared.bus.events import EventBus, Listener
 from shared.bus.keys import DispatchKeys
 from shared.bus.relay import LEADER, RELAY_GROUP, SeqFilter, stream_id
@@ -64,7 +65,8 @@ async def stream(queue: Queue) -> list[dict[str, str]]:
 @pytest.fixture
 def make_dispatcher(redis: Any, key_prefix: str) -> MakeDispatcher:
     def make(**options: Any) -> Dispatcher:
-        return Dispatcher(options.pop("client", redis), prefix=key_prefix, **options)
+        return Dispatcher(options.pop("client", redis), routes=options.pop("routes", DEFAULT_ROUTES),
+                          prefix=key_prefix, **options)
 
     return make
 
@@ -227,6 +229,12 @@ async def test_routes_each_type_to_its_service_queue(make_dispatcher: MakeDispat
     for bad in ({}, {"x.y": "has.dot"}, {"x.y": "_hidden"}, {"bad type!": "q"}):
         with pytest.raises(ConfigError):
             make_dispatcher(routes=bad)
+
+
+def test_the_routes_are_the_applications_to_give(redis: Any) -> None:
+    """The library holds no table of task types: a dispatcher without ``routes=`` is refused, saying so."""
+    with pytest.raises(ConfigError, match=r"needs routes= \(task type -> queue name\)"):
+        Dispatcher(redis)
 
 
 async def test_submit_records_priority_owner_meeting_deadline_and_position(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.task_routes import TASK_ROUTES
 from shared.bus import InvalidMessage, LimitExceeded, LimitKeys, UserLimits
 from shared.bus.dispatcher import Dispatcher
 
@@ -97,7 +98,7 @@ async def test_a_killed_gateways_sockets_age_out_unless_renewed(redis: Any, key_
 
 async def test_queued_tasks_are_held_until_they_finish(redis: Any, key_prefix: str) -> None:
     limits = make(redis, key_prefix, submit_rate=None, max_queued_tasks=3)
-    d = Dispatcher(redis, prefix=key_prefix, admission=limits)
+    d = Dispatcher(redis, routes=TASK_ROUTES, prefix=key_prefix, admission=limits)
     held = LimitKeys("alice", key_prefix)
     keyed = await d.submit(owner="alice", type="ai.chat", dedupe_key="k")
     # A dedupe hit answers a task already held: the id it was given is handed back.

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from gateway.settings import GatewaySettings
+from gateway.task_routes import TASK_ROUTES
 from services.common import Actor, Service, ServiceSettings, identity_headers
 from services.media.models import TranscodeJob
 from services.media.service import build as build_media
@@ -216,7 +217,7 @@ async def test_a_transcode_runs_in_stages_reporting_progress(stack: Stack, clip:
     alice, a = await stack.user("alice")
     mid = await stack.meeting(a)
     media_id = (await stack.upload(a, clip, meeting_id=mid, cover="false")).json()["media"]["id"]
-    dispatcher = Dispatcher(redis, prefix=stack.settings.key_prefix)
+    dispatcher = Dispatcher(redis, routes=TASK_ROUTES, prefix=stack.settings.key_prefix)
     async with recording(stack.settings, "media.recording_ready") as events:
         record = await run(dispatcher, alice, "media.transcode", {"media_id": media_id, "height": 60},
                            meeting_id=mid)
@@ -258,7 +259,7 @@ async def test_a_transcode_survives_a_worker_restart(
                        f'exec "{shutil.which("ffmpeg")}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     settings = media_settings(make_settings(), ffmpeg=str(wrapper))
-    dispatcher = Dispatcher(redis, prefix=settings.key_prefix)
+    dispatcher = Dispatcher(redis, routes=TASK_ROUTES, prefix=settings.key_prefix)
     owner = identity_headers(SECRET, Actor("u-alice"))
 
     first = build_media(settings, port=0)
@@ -303,7 +304,7 @@ async def _count(items: Any, n: int) -> bool:
 
 async def test_bad_tasks_are_dead_lettered_with_the_reason(stack: Stack, clip: bytes, redis: Any) -> None:
     (alice, a), (bob, _) = await stack.user("alice"), await stack.user("bob")
-    dispatcher = Dispatcher(redis, prefix=stack.settings.key_prefix)
+    dispatcher = Dispatcher(redis, routes=TASK_ROUTES, prefix=stack.settings.key_prefix)
     media_id = (await stack.upload(a, clip, cover="false")).json()["media"]["id"]
     broken_id = (await stack.upload(a, clip, cover="false")).json()["media"]["id"]
     stack.path(f"{broken_id}/original.mp4").write_bytes(b"\0" * 4096)  # the store lost it
@@ -342,7 +343,7 @@ async def test_bad_tasks_are_dead_lettered_with_the_reason(stack: Stack, clip: b
 async def test_recordings_and_streams_with_their_events(stack: Stack, redis: Any) -> None:
     (alice, a), (bob, b), (carol, _) = [await stack.user(n) for n in ("alice", "bob", "carol")]
     mid = await stack.meeting(a, b)
-    dispatcher = Dispatcher(redis, prefix=stack.settings.key_prefix)
+    dispatcher = Dispatcher(redis, routes=TASK_ROUTES, prefix=stack.settings.key_prefix)
     token = a["Authorization"].split()[1]
     url = stack.gateway.replace("http://", "ws://") + f"/ws?token={token}"
     async with recording(stack.settings, "media.*") as events, _socket(url) as ws:

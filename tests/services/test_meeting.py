@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from gateway.task_routes import TASK_ROUTES
 from services.common import ServiceSettings, gateway_key
 from services.common.identity import KEY_HEADER, USER_HEADER
 from services.meeting.client import MeetingClient
@@ -242,7 +243,7 @@ async def test_bad_input_answers_clear_json_errors(mesh: Mesh) -> None:
 
 
 async def test_tasks_do_what_rest_does_and_bad_ones_are_dead_lettered(mesh: Mesh, redis: Any) -> None:
-    dispatcher = Dispatcher(redis, prefix=mesh.settings.key_prefix)
+    dispatcher = Dispatcher(redis, routes=TASK_ROUTES, prefix=mesh.settings.key_prefix)
 
     async def run(owner: str, type: str, data: Any = None, meeting_id: str | None = None) -> Any:
         submitted = await dispatcher.submit(owner=owner, type=type, data=data, meeting_id=meeting_id)

@@ -11,6 +11,7 @@ import jwt
 import pytest
 
 from gateway.auth import verify
+from gateway.task_routes import TASK_ROUTES
 from services.common import ServiceSettings, gateway_key
 from services.common.identity import KEY_HEADER, USER_HEADER
 from services.user.admin import UserStore
@@ -166,7 +167,7 @@ async def test_profile_update_task_and_a_bad_one_dead_lettered(
     mesh: Mesh, redis: Any, make_settings: Callable[..., ServiceSettings]
 ) -> None:
     alice = await mesh.register("alice")
-    dispatcher = Dispatcher(redis, prefix=mesh.settings.key_prefix)
+    dispatcher = Dispatcher(redis, routes=TASK_ROUTES, prefix=mesh.settings.key_prefix)
     good = await dispatcher.submit(
         owner=alice["user"]["id"], type="user.profile.update", data={"display_name": "Alice Liddell"}
     )
