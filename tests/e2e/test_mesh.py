@@ -80,7 +80,7 @@ def free_port_base() -> int:
 
 
 def up_argv(*args: str) -> list[str]:
-    """``meetmesh up`` once cli.py registers it; until then the module's own entry point."""
+    """``meetmesh up`` once meetmesh.main registers it; until then the module's own entry point."""
     from meetmesh.main import app
 
     if any(c.name == "up" for c in app.registered_commands):

@@ -280,7 +280,7 @@ async def test_a_program_that_cannot_start_is_reported() -> None:
 
 
 def up_argv(*args: str) -> list[str]:
-    """``meetmesh up`` once cli.py registers it; until then its module's own entry point."""
+    """``meetmesh up`` once meetmesh.main registers it; until then its module's own entry point."""
     if _registered("up"):
         return [sys.executable, "-m", "meetmesh", "up", *args]
     return [sys.executable, "-m", "meetmesh.up", *args]
@@ -361,7 +361,7 @@ def _registered(command: str) -> bool:
 
 
 def submit_argv(*args: str) -> list[str]:
-    """``meetmesh submit`` once cli.py registers it; until then its module's own entry point."""
+    """``meetmesh submit`` once meetmesh.main registers it; until then its module's own entry point."""
     if _registered("submit"):
         return [sys.executable, "-m", "meetmesh", "submit", *args]
     return [sys.executable, "-m", "meetmesh.submit", *args]
