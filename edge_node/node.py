@@ -17,9 +17,8 @@ from typing import Any
 import zmq
 from pydantic import ValidationError
 
-from shared.bus.edge_keys import CurveOption, NodeKeys, curve_client, node_keys
-from shared.bus.errors import ConfigError, describe
-from shared.bus.stackflow import (
+from shared.bus.edge.keys import CurveOption, NodeKeys, curve_client, node_keys
+from shared.bus.edge.stackflow import (
     BEAT,
     BYE,
     CANCEL,
@@ -41,6 +40,7 @@ from shared.bus.stackflow import (
     parse_request,
     stream_data,
 )
+from shared.bus.errors import ConfigError, describe
 
 from .models import Model, models_by_name, prompt_for
 
@@ -335,7 +335,7 @@ class EdgeNode:
 
     async def run(self, *, ready: Callable[[EdgeNode], None] | None = None) -> None:
         """Serve until `stop` (then stop running inferences and close everything)."""
-        from shared.bus.stackflow_tcp import StackFlowServer
+        from shared.bus.edge.stackflow_tcp import StackFlowServer
 
         if self.connect:
             if self.curve == "env":

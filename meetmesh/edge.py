@@ -102,7 +102,7 @@ def edge_keys_cmd(
 ) -> None:
     """Make CURVE key pairs for the edge bridge and its nodes (zmq.auth certificates), and print the
     settings each side runs with. Existing key pairs are kept."""
-    from shared.bus.edge_keys import create_keys
+    from shared.bus.edge.keys import create_keys
 
     made = create_keys(directory, nodes=node or ["node"])
     if as_json:

@@ -144,7 +144,7 @@ def plan(*, scale: Mapping[str, int] | None = None, port_base: int = DEFAULT_POR
     """The mesh's processes and shared ``MEETMESH_*`` ports and URLs (see the module's docstring).
     With ``edge_keys_dir`` (keys `edge_keys.create_keys` makes there, one pair per edge node, named
     as the node), each ai replica's bridge and its edge node talk CURVE with those keys."""
-    from shared.bus.edge_keys import bridge_settings, node_settings
+    from shared.bus.edge.keys import bridge_settings, node_settings
 
     counts = {name: 1 for name in SERVICES} | dict(scale or {})
     offset = port_base - DEFAULT_PORT_BASE
@@ -580,7 +580,7 @@ def up_cmd(
                   edge_model=edge_model, edge_capacity=edge_capacity, edge_token_delay=edge_token_delay,
                   stackflow=stackflow, edge_keys_dir=folder / EDGE_KEYS_DIR)
     # CURVE between the ai services' bridges and their edge nodes: a key pair each, kept for restarts
-    from shared.bus.edge_keys import create_keys
+    from shared.bus.edge.keys import create_keys
 
     create_keys(folder / EDGE_KEYS_DIR, [p.name for p in layout.procs if p.stage == STAGE_EDGE])
     try:

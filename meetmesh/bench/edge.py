@@ -26,9 +26,9 @@ from typing import IO, Any
 import zmq
 import zmq.asyncio
 
-from shared.bus.edge import EdgeBridge
+from shared.bus.edge.pool import EdgeBridge
+from shared.bus.edge.stackflow import MESSAGE, Template
 from shared.bus.records import percentile
-from shared.bus.stackflow import MESSAGE, Template
 
 TARGET_ADDED_P99_MS = 1.0
 TARGET_TOKEN_RATIO = 0.95

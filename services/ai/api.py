@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from services.common import Caller, Forbidden
 from shared.bus import AdaptiveLimiter
-from shared.bus.edge import EdgeBridge
+from shared.bus.edge.pool import EdgeBridge
 
 
 def routes(bridge: EdgeBridge, limiter: AdaptiveLimiter, model: str) -> APIRouter:

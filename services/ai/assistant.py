@@ -19,8 +19,8 @@ from typing import Any, Protocol, cast
 from services.common import Service
 from services.meeting.schemas import ChatMessageOut
 from shared.bus import Context, Enqueued, HandlerSignal, Priority, Queue, Reject, Retry, new_id
-from shared.bus.edge import EdgeBridge
-from shared.bus.stackflow import EdgeUnavailable, StackFlowError, Template, to_handler_signal
+from shared.bus.edge.pool import EdgeBridge
+from shared.bus.edge.stackflow import EdgeUnavailable, StackFlowError, Template, to_handler_signal
 
 from .schemas import Generation
 from .settings import AiSettings

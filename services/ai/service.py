@@ -10,7 +10,7 @@ from typing import Any
 from services.common import Service, ServiceSettings
 from services.meeting.client import MeetingClient
 from shared.bus import AdaptiveLimiter, BusConnectionError, Event
-from shared.bus.edge import EdgeBridge
+from shared.bus.edge.pool import EdgeBridge
 
 from . import api, tasks
 from .assistant import Assistant, Transcripts

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError
 
 from services.common import ServiceSettings
 from shared.bus import ConfigError
-from shared.bus.stackflow import DEFAULT_MODEL
+from shared.bus.edge.stackflow import DEFAULT_MODEL
 
 _TCP = re.compile(r"^tcp://(?P<host>.+):(?P<port>\d+|\*)$")
 

@@ -30,9 +30,8 @@ from typer.testing import CliRunner
 from edge_node.models import EchoModel
 from edge_node.node import EdgeNode, EdgeUnits
 from meetmesh.edge import register
-from shared.bus.edge import EdgeBridge
-from shared.bus.errors import RateLimited
-from shared.bus.stackflow import (
+from shared.bus.edge.pool import EdgeBridge
+from shared.bus.edge.stackflow import (
     EdgeBusy,
     EdgeStreamBroken,
     EdgeTimeout,
@@ -41,7 +40,8 @@ from shared.bus.stackflow import (
     make_reply,
     to_handler_signal,
 )
-from shared.bus.stackflow_tcp import JsonFramer, StackFlowServer
+from shared.bus.edge.stackflow_tcp import JsonFramer, StackFlowServer
+from shared.bus.errors import RateLimited
 
 ROOT = Path(__file__).resolve().parents[2]
 BEAT = 0.3           # the bridge's heartbeat in these tests: a node silent for 3 beats is dropped

@@ -24,8 +24,7 @@ from edge_node.models import EchoModel
 from edge_node.node import EdgeNode, EdgeUnits
 from meetmesh.edge import register
 from meetmesh.up import STAGE_EDGE, plan
-from shared.bus.edge import EdgeBridge
-from shared.bus.edge_keys import (
+from shared.bus.edge.keys import (
     CLIENT_KEYS,
     NODE_SECRET,
     SERVER_PUBLIC,
@@ -35,8 +34,9 @@ from shared.bus.edge_keys import (
     create_keys,
     node_keys,
 )
+from shared.bus.edge.pool import EdgeBridge
+from shared.bus.edge.stackflow import EdgeUnavailable
 from shared.bus.errors import ConfigError
-from shared.bus.stackflow import EdgeUnavailable
 
 WAIT = 20.0
 VARIABLES = (SERVER_SECRET, CLIENT_KEYS, NODE_SECRET, SERVER_PUBLIC)

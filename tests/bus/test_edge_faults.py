@@ -19,9 +19,8 @@ import zmq.asyncio
 
 from edge_node.models import EchoModel
 from edge_node.node import EdgeNode, EdgeUnits
-from shared.bus.edge import EdgeBridge
-from shared.bus.errors import Retry
-from shared.bus.stackflow import (
+from shared.bus.edge.pool import EdgeBridge
+from shared.bus.edge.stackflow import (
     EdgeBadReply,
     EdgeStreamBroken,
     EdgeTimeout,
@@ -31,7 +30,8 @@ from shared.bus.stackflow import (
     stream_data,
     to_handler_signal,
 )
-from shared.bus.stackflow_tcp import StackFlowServer
+from shared.bus.edge.stackflow_tcp import StackFlowServer
+from shared.bus.errors import Retry
 
 BEAT = 0.3
 WAIT = 20.0

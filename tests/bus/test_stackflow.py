@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from shared.bus.errors import BusError, RateLimited, Reject, Retry
-from shared.bus.stackflow import (
+from shared.bus.edge.stackflow import (
     Action,
     EdgeBusy,
     EdgeStreamBroken,
@@ -24,7 +23,8 @@ from shared.bus.stackflow import (
     stream_data,
     to_handler_signal,
 )
-from shared.bus.stackflow_tcp import FramingError, JsonFramer
+from shared.bus.edge.stackflow_tcp import FramingError, JsonFramer
+from shared.bus.errors import BusError, RateLimited, Reject, Retry
 
 
 def test_error_codes_are_stackflows() -> None:

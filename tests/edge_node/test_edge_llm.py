@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_node.models import DEFAULT_MODEL, SYSTEM_PROMPTS, LlamaModel, Model, template_messages
-from shared.bus.edge import EdgeBridge
+from shared.bus.edge.pool import EdgeBridge
 
 pytestmark = [
     pytest.mark.slow,

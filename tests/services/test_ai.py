@@ -30,7 +30,7 @@ from services.common import Actor, ServiceSettings, identity_headers
 from services.meeting.schemas import ChatMessageOut
 from services.meeting.service import build as build_meeting
 from shared.bus import Context, Priority, Queue, RateLimited, TaskRecord, TaskStatus
-from shared.bus.edge_keys import create_keys
+from shared.bus.edge.keys import create_keys
 
 from ..conftest import REDIS_URL
 from ..gateway.conftest import SECRET

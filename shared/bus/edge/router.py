@@ -15,13 +15,13 @@ from pydantic import BaseModel, Field, ValidationError
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from .edge import LinkDown
-from .edge_keys import LOG_EVERY, BridgeKeys, curve_server, start_authenticator
-from .errors import BusConnectionError
+from ..errors import BusConnectionError
+from .keys import LOG_EVERY, BridgeKeys, curve_server, start_authenticator
+from .pool import LinkDown
 from .stackflow import BEAT, BYE, CANCEL, MESSAGE, REGISTER, UNKNOWN, WELCOME, FrameSocket, dumps
 
 if TYPE_CHECKING:
-    from .edge import EdgeBridge
+    from .pool import EdgeBridge
 
 log = logging.getLogger("meetmesh.edge")
 

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("meetmesh.edge.keys")
 SERVER_SECRET = "MEETMESH_EDGE_SERVER_SECRET_KEY"

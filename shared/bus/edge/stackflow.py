@@ -44,7 +44,7 @@ from typing import Any, Literal
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BusError, HandlerSignal, RateLimited, Reject, Retry, describe
+from ..errors import BusError, HandlerSignal, RateLimited, Reject, Retry, describe
 
 UNIT = "llm"                         # the unit name; instances are "llm.1001", "llm.1002", ...
 STREAM_FORMAT = "llm.utf-8.stream"   # response_format / input object of streamed text

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .edge_keys import BridgeKeys, CurveOption, bridge_keys
-from .errors import ConfigError
+from ..errors import ConfigError
+from .keys import BridgeKeys, CurveOption, bridge_keys
 from .stackflow import (
     STREAM_FORMAT,
     TEXT_FORMAT,
@@ -35,7 +35,7 @@ from .stackflow import (
 )
 
 if TYPE_CHECKING:
-    from .edge_router import RouterTransport
+    from .router import RouterTransport
 
 log = logging.getLogger("meetmesh.edge")
 
@@ -185,7 +185,7 @@ class EdgeBridge:
     async def start(self) -> EdgeBridge:
         """Bind and start serving nodes: `ConfigError` without CURVE keys outside development mode
         (see `edge_keys`), `BusConnectionError` if the address is taken."""
-        from .edge_router import RouterTransport
+        from .router import RouterTransport
 
         if self.curve == "env":
             self.keys = bridge_keys()

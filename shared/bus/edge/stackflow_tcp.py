@@ -17,12 +17,12 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .edge import LinkDown
-from .errors import BusConnectionError
+from ..errors import BusConnectionError
+from .pool import LinkDown
 from .stackflow import ErrorCode, StackFlowError, dumps
 
 if TYPE_CHECKING:
-    from .edge import EdgeBridge
+    from .pool import EdgeBridge
 
 log = logging.getLogger("meetmesh.edge.tcp")
 DEFAULT_PORT = 10001
