@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from shared.bus.catalogue import check_pattern, matches
 from shared.bus.errors import InvalidMessage
+from shared.bus.events.catalogue import check_pattern, matches
 
 from .session import (
     CLOSE_GOING_AWAY,

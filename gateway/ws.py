@@ -24,8 +24,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from shared.bus import BusError, InvalidMessage
-from shared.bus.catalogue import check_pattern
 from shared.bus.dispatcher import Dispatcher
+from shared.bus.events.catalogue import check_pattern
 
 from . import upstream
 from .auth import Principal, authenticate

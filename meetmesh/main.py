@@ -229,7 +229,7 @@ def asyncapi(
     out: Annotated[str | None, typer.Option("--out", "-o", help="File to write (default: stdout).")] = None,
 ) -> None:
     """Write the AsyncAPI 3.0 document of the event catalogue (JSON)."""
-    from shared.bus.asyncapi import document
+    from shared.bus.events.asyncapi import document
 
     text = json.dumps(document(), indent=2) + "\n"
     if out is None:

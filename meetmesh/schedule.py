@@ -17,8 +17,8 @@ import typer
 from rich.table import Table
 
 from shared.bus.errors import BusError
+from shared.bus.events.scheduler import Schedule, ScheduleInfo, Scheduler
 from shared.bus.redact import install as install_redaction
-from shared.bus.scheduler import Schedule, ScheduleInfo, Scheduler
 from shared.bus.settings import BusSettings
 
 T = TypeVar("T")

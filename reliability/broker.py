@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shared.bus import BusConnectionError, BusError, Event, EventBus, Payload
-from shared.bus.catalogue import CATALOGUE, register
+from shared.bus.events.catalogue import CATALOGUE, register
 
 from .servers import PrivateNats, PrivateRabbit, PrivateServer
 

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 import typer
 
-from shared.bus.catalogue import Event, make_event
 from shared.bus.errors import ConfigError
-from shared.bus.events import FASTSTREAM_LOG, EventBus
+from shared.bus.events.base import FASTSTREAM_LOG, EventBus
+from shared.bus.events.catalogue import Event, make_event
 from shared.bus.records import percentile
 
 DEFAULT_URLS = {
@@ -72,7 +72,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
     if twin.scheme == "redis":
         from faststream.redis import RedisBroker
 
-        from shared.bus.events_redis import RedisEventBus
+        from shared.bus.events.redis import RedisEventBus
 
         assert isinstance(twin, RedisEventBus)
         redis = RedisBroker(twin.url, **_BROKER_OPTIONS)
@@ -86,7 +86,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
     if twin.scheme == "nats":
         from faststream.nats import NatsBroker
 
-        from shared.bus.events_nats import NatsEventBus
+        from shared.bus.events.nats import NatsEventBus
 
         assert isinstance(twin, NatsEventBus)
         nats = NatsBroker(twin.url, connect_timeout=3, max_reconnect_attempts=3, **_BROKER_OPTIONS)
@@ -102,7 +102,7 @@ async def _direct_publisher(twin: EventBus) -> tuple[Send, Stop]:
         return send_nats, nats.stop
     from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
 
-    from shared.bus.events_amqp import AmqpEventBus
+    from shared.bus.events.amqp import AmqpEventBus
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)
@@ -125,7 +125,7 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
     if twin.scheme == "redis":
         from faststream.redis import RedisBroker, StreamSub
 
-        from shared.bus.events_redis import RedisEventBus
+        from shared.bus.events.redis import RedisEventBus
 
         assert isinstance(twin, RedisEventBus)
         redis = RedisBroker(twin.url, **_BROKER_OPTIONS)
@@ -142,7 +142,7 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
     if twin.scheme == "nats":
         from faststream.nats import ConsumerConfig, DeliverPolicy, NatsBroker
 
-        from shared.bus.events_nats import NatsEventBus
+        from shared.bus.events.nats import NatsEventBus
 
         assert isinstance(twin, NatsEventBus)
         nats = NatsBroker(twin.url, connect_timeout=3, max_reconnect_attempts=3, **_BROKER_OPTIONS)
@@ -159,7 +159,7 @@ async def _direct_subscriber(twin: EventBus, see: Callable[[Any], None]) -> Stop
         return nats.stop
     from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 
-    from shared.bus.events_amqp import PREFETCH, AmqpEventBus, amqp_pattern
+    from shared.bus.events.amqp import PREFETCH, AmqpEventBus, amqp_pattern
 
     assert isinstance(twin, AmqpEventBus)
     rabbit = RabbitBroker(twin.url, **_BROKER_OPTIONS)

@@ -2,7 +2,6 @@
 events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-process bus; the scheduler."""
 
 from .backoff import backoff
-from .catalogue import Event, Payload, make_event
 from .connection import connect
 from .dispatcher import Dispatcher, Submitted, TaskUpdate
 from .errors import (
@@ -19,17 +18,18 @@ from .errors import (
     ScheduleNotFound,
     TaskNotFound,
 )
-from .events import BroadcastMessage, DeadEvent, EventBus, EventStats, Listener, Retention
+from .events.base import BroadcastMessage, DeadEvent, EventBus, EventStats, Listener, Retention
+from .events.catalogue import Event, Payload, make_event
+from .events.local import BusClosed, LocalBus, LocalBusStats
+from .events.scheduler import Firing, Schedule, ScheduleInfo, Scheduler
 from .handlers import Context, Handler, Router
 from .keys import DispatchKeys, EventKeys, LimitKeys, QueueKeys, SchedulerKeys
 from .leases import Delivery
 from .limiter import AdaptiveLimiter
-from .local import BusClosed, LocalBus, LocalBusStats
 from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
 from .ratelimit import LimitExceeded, UserLimits
 from .records import QueueStats
-from .scheduler import Firing, Schedule, ScheduleInfo, Scheduler
 from .settings import BusSettings
 from .worker import Worker
 

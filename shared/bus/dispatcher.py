@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from .backoff import backoff
 from .connection import unreachable_as_bus_error
 from .errors import BusConnectionError, ConfigError, InvalidMessage, TaskNotFound
-from .events import EventBus
+from .events.base import EventBus
 from .keys import DEFAULT_PREFIX, DispatchKeys
 from .message import Message, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue

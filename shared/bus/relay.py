@@ -38,7 +38,7 @@ from redis.asyncio import Redis
 
 from .backoff import backoff
 from .errors import BusError, ConfigError, InvalidMessage
-from .events import EventBus, check_topic
+from .events.base import EventBus, check_topic
 from .keys import DEFAULT_PREFIX, DispatchKeys
 from .message import TaskError, TaskStatus
 from .queue import Queue

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.bus.events import EventBus
+from shared.bus.events.base import EventBus
 
 
 async def main(url: str, prefix: str, service: str, mark: str) -> None:

@@ -33,7 +33,7 @@ from shared.bus import (
     connect,
 )
 from shared.bus.dispatcher import Dispatcher, TaskUpdate
-from shared.bus.events import EventBus, Listener
+from shared.bus.events.base import EventBus, Listener
 from shared.bus.keys import DispatchKeys
 from shared.bus.relay import LEADER, RELAY_GROUP, SeqFilter, stream_id
 

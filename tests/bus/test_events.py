@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from shared.bus import InvalidMessage, Reject
-from shared.bus.catalogue import Event
-from shared.bus.events import EventBus, Retention
+from shared.bus.events.base import EventBus, Retention
+from shared.bus.events.catalogue import Event
 
 ROOT = Path(__file__).resolve().parents[2]
 URLS = {

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from shared.bus import BusError, ConfigError, InvalidMessage
-from shared.bus.catalogue import Event, make_event
-from shared.bus.local import BusClosed, BusState, LocalBus
+from shared.bus.events.catalogue import Event, make_event
+from shared.bus.events.local import BusClosed, BusState, LocalBus
 
 
 class Recorder:
@@ -177,7 +177,7 @@ async def test_failing_handler_is_isolated_logged_and_counted(caplog: pytest.Log
             raise RuntimeError(f"boom {event.data.meeting_id}")
         flaky_seen.append(event.data.meeting_id)
 
-    caplog.set_level(logging.ERROR, logger="shared.bus.local")
+    caplog.set_level(logging.ERROR, logger="shared.bus.events.local")
     async with LocalBus() as bus:
         healthy = Recorder()
         bus.subscribe("meeting.*", flaky)

@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from meetmesh.schedule import app
 from shared.bus import InvalidMessage, Message, Priority, Queue, connect
 from shared.bus.errors import ScheduleNotFound
+from shared.bus.events.scheduler import Schedule, Scheduler
 from shared.bus.keys import SchedulerKeys
-from shared.bus.scheduler import Schedule, Scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 

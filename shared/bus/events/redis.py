@@ -40,10 +40,10 @@ from faststream.redis.message import DATA_KEY
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from .connection import UNREACHABLE, HiredisPackingConnection
-from .errors import BusConnectionError
-from .events import BROKER_OPTIONS, EventBus, message_and_body, message_itself
-from .keys import EventKeys
+from ..connection import UNREACHABLE, HiredisPackingConnection
+from ..errors import BusConnectionError
+from ..keys import EventKeys
+from .base import BROKER_OPTIONS, EventBus, message_and_body, message_itself
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
+from ..connection import redact_url
+from ..errors import BusError, ConfigError, InvalidMessage, Reject
 from .catalogue import Event, check_pattern, decode_event, make_event, matches
-from .connection import redact_url
-from .errors import BusError, ConfigError, InvalidMessage, Reject
 
 log = logging.getLogger(__name__)
 # FastStream's own log (connections, subscriber start/stop): warnings and up unless asked for.
@@ -237,15 +237,15 @@ class EventBus(abc.ABC):
         """The backend for ``url``'s scheme: ``redis://``/``rediss://``, ``nats://``, ``amqp://``/``amqps://``."""
         scheme = url.partition("://")[0].lower()
         if scheme in ("redis", "rediss"):
-            from .events_redis import RedisEventBus
+            from .redis import RedisEventBus
 
             return RedisEventBus(url, **options)
         if scheme in ("nats", "tls"):
-            from .events_nats import NatsEventBus
+            from .nats import NatsEventBus
 
             return NatsEventBus(url, **options)
         if scheme in ("amqp", "amqps"):
-            from .events_amqp import AmqpEventBus
+            from .amqp import AmqpEventBus
 
             return AmqpEventBus(url, **options)
         raise ConfigError(f"MEETMESH_EVENTS_URL {url!r}: use redis://, nats:// or amqp://")

@@ -40,11 +40,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from pydantic_core import PydanticSerializationError
 from redis.asyncio import Redis
 
-from .connection import unreachable_as_bus_error
-from .errors import BusConnectionError, BusError, InvalidMessage, ScheduleNotFound, describe
-from .keys import DEFAULT_PREFIX, SchedulerKeys, check_name
-from .message import Message, Priority
-from .queue import Queue
+from ..connection import unreachable_as_bus_error
+from ..errors import BusConnectionError, BusError, InvalidMessage, ScheduleNotFound, describe
+from ..keys import DEFAULT_PREFIX, SchedulerKeys, check_name
+from ..message import Message, Priority
+from ..queue import Queue
 
 log = logging.getLogger("meetmesh.scheduler")
 

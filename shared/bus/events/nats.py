@@ -22,8 +22,8 @@ from faststream.nats.annotations import NatsMessage
 from nats.errors import Error as NatsError
 from nats.js.errors import BadRequestError, NotFoundError
 
-from .errors import BusConnectionError
-from .events import BROKER_OPTIONS, EventBus, message_itself
+from ..errors import BusConnectionError
+from .base import BROKER_OPTIONS, EventBus, message_itself
 
 log = logging.getLogger(__name__)
 _UNREACHABLE = (NatsError, OSError, TimeoutError)

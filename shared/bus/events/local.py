@@ -38,8 +38,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Literal, TypeAlias, TypeVar, get_args, overload
 
+from ..errors import BusError, ConfigError, InvalidMessage
 from .catalogue import Event, check_pattern, make_event, matches
-from .errors import BusError, ConfigError, InvalidMessage
 
 logger = logging.getLogger(__name__)
 

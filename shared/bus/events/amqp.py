@@ -47,9 +47,9 @@ import aiormq
 import aiormq.abc
 from aiormq.exceptions import AMQPError
 
-from .backoff import backoff
-from .errors import BusConnectionError, ConfigError
-from .events import EventBus
+from ..backoff import backoff
+from ..errors import BusConnectionError, ConfigError
+from .base import EventBus
 
 log = logging.getLogger(__name__)
 PREFETCH = 100  # unacknowledged messages per consumer: acks overlap the next deliveries
