@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from shared.bus import EventBus, connect
-from shared.bus.dispatcher import Dispatcher
+from shared.bus.dispatch.dispatcher import Dispatcher
 
 from . import errors, logs, rest, upstream, ws
 from .auth import Admin

@@ -2,7 +2,7 @@
 and resumes them, routes task updates and topic events to them, and reaps the idle and the expired.
 
 One session's own state (seq numbering, replay buffer, attachments) is `gateway.session`. (Per-user
-limits: `shared.bus.ratelimit.UserLimits`, in Redis.) Nothing here starts tasks or timers: the
+limits: `shared.bus.dispatch.ratelimit.UserLimits`, in Redis.) Nothing here starts tasks or timers: the
 gateway runs one reaper loop (`gateway.app`).
 """
 

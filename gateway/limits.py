@@ -14,7 +14,7 @@ from fastapi import WebSocket
 from redis.asyncio import Redis
 
 from shared.bus import BusConnectionError
-from shared.bus.ratelimit import LimitExceeded, UserLimits
+from shared.bus.dispatch.ratelimit import LimitExceeded, UserLimits
 
 from .errors import ApiError, body
 from .settings import GatewaySettings

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.bus import EventBus, TaskStatus
-from shared.bus.dispatcher import TaskUpdate
-from shared.bus.relay import SeqFilter
+from shared.bus.dispatch.dispatcher import TaskUpdate
+from shared.bus.dispatch.relay import SeqFilter
 
 from .hub import SessionHub
 

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Priority, QueueStats, TaskRecord, TaskStatus
-from shared.bus.dispatcher import Dispatcher, Submitted
+from shared.bus.dispatch.dispatcher import Dispatcher, Submitted
 
 from .auth import Admin, User
 from .errors import ApiError, responses

@@ -1,5 +1,6 @@
 """Which queue serves each task type: the services' task routes, which the gateway gives its dispatcher
-(`shared.bus.dispatcher.Dispatcher`, ``routes=``). A type missing here is refused as ``unknown_task``."""
+(`shared.bus.dispatch.dispatcher.Dispatcher`, ``routes=``). A type missing here is refused as
+``unknown_task``."""
 
 from __future__ import annotations
 

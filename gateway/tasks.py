@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Priority, TaskNotFound, TaskRecord
-from shared.bus.dispatcher import Dispatcher, Submitted
+from shared.bus.dispatch.dispatcher import Dispatcher, Submitted
 
 from .auth import Principal
 from .errors import ApiError

@@ -24,7 +24,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from shared.bus import BusError, InvalidMessage
-from shared.bus.dispatcher import Dispatcher
+from shared.bus.dispatch.dispatcher import Dispatcher
 from shared.bus.events.catalogue import check_pattern
 
 from . import upstream

@@ -3,7 +3,8 @@ events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-proc
 
 from .backoff import backoff
 from .connection import connect
-from .dispatcher import Dispatcher, Submitted, TaskUpdate
+from .dispatch.dispatcher import Dispatcher, Submitted, TaskUpdate
+from .dispatch.ratelimit import LimitExceeded, UserLimits
 from .errors import (
     BusConnectionError,
     BusError,
@@ -28,7 +29,6 @@ from .leases import Delivery
 from .limiter import AdaptiveLimiter
 from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
 from .queue import Enqueued, Queue
-from .ratelimit import LimitExceeded, UserLimits
 from .records import QueueStats
 from .settings import BusSettings
 from .worker import Worker

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.task_routes import TASK_ROUTES
 from shared.bus import InvalidMessage, Queue, TaskStatus
-from shared.bus.dispatcher import Dispatcher
+from shared.bus.dispatch.dispatcher import Dispatcher
 from shared.bus.keys import dedupe_suffix
 
 MakeQueue = Callable[..., Queue]

@@ -32,10 +32,10 @@ from shared.bus import (
     TaskStatus,
     connect,
 )
-from shared.bus.dispatcher import Dispatcher, TaskUpdate
+from shared.bus.dispatch.dispatcher import Dispatcher, TaskUpdate
+from shared.bus.dispatch.relay import LEADER, RELAY_GROUP, SeqFilter, stream_id
 from shared.bus.events.base import EventBus, Listener
 from shared.bus.keys import DispatchKeys
-from shared.bus.relay import LEADER, RELAY_GROUP, SeqFilter, stream_id
 
 REDIS_URL = os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 WAIT = 15.0  # generous: a slow machine never fails a test, only a wrong outcome does
@@ -815,7 +815,7 @@ async def test_a_failed_acknowledgement_is_logged_and_its_entries_come_again_fro
         await real(batch)
 
     monkeypatch.setattr(d.relay, "_acknowledge", lose_the_first)
-    with caplog.at_level(logging.WARNING, logger="shared.bus.relay"):
+    with caplog.at_level(logging.WARNING, logger="shared.bus.dispatch.relay"):
         async with running(d):
             first = await d.submit(owner="alice", type="user.profile.update")
             await d.cancel(first.task_id)
@@ -872,7 +872,7 @@ def test_seq_filter_drops_repeats_and_compares_ids_as_numbers() -> None:
 
 async def test_relay_skips_bad_entries_and_survives_redis_errors(
         make_dispatcher: MakeDispatcher, make_bus: Any, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="shared.bus.relay")
+    caplog.set_level(logging.WARNING, logger="shared.bus.dispatch.relay")
     bus = await make_bus()
     listener = bus.listen("task.>")
     client = await connect(REDIS_URL)
@@ -1029,7 +1029,7 @@ async def test_stop_ends_a_relays_blocking_read_at_once(make_dispatcher: MakeDis
                                                         key_prefix: str) -> None:
     """The leader waits in a read that would block for a minute: `stop()` cuts it short (the read is
     interrupted, not waited out), and the lease is released."""
-    monkeypatch.setattr("shared.bus.relay.RELAY_BLOCK_MS", 60_000)
+    monkeypatch.setattr("shared.bus.dispatch.relay.RELAY_BLOCK_MS", 60_000)
     d = make_dispatcher(events=await make_bus(), relay_lease_seconds=180.0)  # reads may block 60 s
     run = asyncio.create_task(d.run())
     await asyncio.wait_for(d.ready.wait(), WAIT)
@@ -1042,7 +1042,7 @@ async def test_stop_ends_a_relays_blocking_read_at_once(make_dispatcher: MakeDis
 async def test_cancelling_a_relay_in_a_blocking_read_is_not_swallowed(
         make_dispatcher: MakeDispatcher, make_bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only `stop()`'s own interruption of a read ends it quietly; a cancel from outside propagates."""
-    monkeypatch.setattr("shared.bus.relay.RELAY_BLOCK_MS", 60_000)
+    monkeypatch.setattr("shared.bus.dispatch.relay.RELAY_BLOCK_MS", 60_000)
     d = make_dispatcher(events=await make_bus(), relay_lease_seconds=180.0)
     run = asyncio.create_task(d.run())
     await asyncio.wait_for(d.ready.wait(), WAIT)
@@ -1083,7 +1083,7 @@ async def _async_true(get: Callable[[], Awaitable[list[int]]]) -> bool:
 def test_the_relays_fast_update_is_the_model_construct_one() -> None:
     """The relay builds its updates without pydantic's `model_construct` walk over the fields: the
     model must come out the same (dict, fields set, dumps, equality), or a pydantic upgrade broke it."""
-    from shared.bus.relay import _UPDATE_FIELDS, _built_update
+    from shared.bus.dispatch.relay import _UPDATE_FIELDS, _built_update
 
     values = {"task_id": "ai.x", "queue": "ai", "type": "ai.chat", "owner": "u", "meeting_id": None,
               "status": TaskStatus.COMPLETED, "progress": None, "delta": None, "result": {"a": [1, 2]},

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.task_routes import TASK_ROUTES
 from shared.bus import InvalidMessage, LimitExceeded, LimitKeys, UserLimits
-from shared.bus.dispatcher import Dispatcher
+from shared.bus.dispatch.dispatcher import Dispatcher
 
 SLOW = 0.001  # tokens a second: nothing refills within a test
 

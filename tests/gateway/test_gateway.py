@@ -468,7 +468,7 @@ def test_a_finished_task_leaves_the_sessions_index() -> None:
     """A session submitting for hours must not keep every task it ever had: the result unindexes it."""
     from gateway.hub import SessionHub
     from gateway.live import Live
-    from shared.bus.dispatcher import TaskUpdate
+    from shared.bus.dispatch.dispatcher import TaskUpdate
 
     hub = SessionHub()
     live = Live(events=None, hub=hub)  # type: ignore[arg-type]  # routing only: no broadcast read here

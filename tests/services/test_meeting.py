@@ -17,7 +17,7 @@ from services.meeting.client import MeetingClient
 from services.meeting.presence import Presence
 from services.meeting.service import build as build_meeting
 from shared.bus import TaskStatus
-from shared.bus.dispatcher import Dispatcher
+from shared.bus.dispatch.dispatcher import Dispatcher
 
 from ..gateway.conftest import SECRET
 from .conftest import Mesh, admin_token, bearer, recording, until

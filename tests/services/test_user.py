@@ -17,7 +17,7 @@ from services.common.identity import KEY_HEADER, USER_HEADER
 from services.user.admin import UserStore
 from services.user.service import build as build_user
 from shared.bus import Queue, TaskStatus
-from shared.bus.dispatcher import Dispatcher
+from shared.bus.dispatch.dispatcher import Dispatcher
 
 from ..gateway.conftest import SECRET
 from .conftest import Mesh, bearer, recording, until

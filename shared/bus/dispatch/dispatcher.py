@@ -25,13 +25,13 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from .backoff import backoff
-from .connection import unreachable_as_bus_error
-from .errors import BusConnectionError, ConfigError, InvalidMessage, TaskNotFound
-from .events.base import EventBus
-from .keys import DEFAULT_PREFIX, DispatchKeys
-from .message import Message, TaskRecord, TaskStatus, new_id
-from .queue import Enqueued, Queue
+from ..backoff import backoff
+from ..connection import unreachable_as_bus_error
+from ..errors import BusConnectionError, ConfigError, InvalidMessage, TaskNotFound
+from ..events.base import EventBus
+from ..keys import DEFAULT_PREFIX, DispatchKeys
+from ..message import Message, TaskRecord, TaskStatus, new_id
+from ..queue import Enqueued, Queue
 from .relay import LEASE_SECONDS, Relay, TaskUpdate
 
 __all__ = ["Admission", "Dispatcher", "Submitted", "TaskUpdate"]

@@ -36,14 +36,14 @@ from pydantic_core import from_json
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from .backoff import backoff
-from .errors import BusError, ConfigError, InvalidMessage
-from .events.base import EventBus, check_topic
-from .keys import DEFAULT_PREFIX, DispatchKeys
-from .message import TaskError, TaskStatus
-from .queue import Queue
-from .records import parse_error
-from .scripts import Scripts
+from ..backoff import backoff
+from ..errors import BusError, ConfigError, InvalidMessage
+from ..events.base import EventBus, check_topic
+from ..keys import DEFAULT_PREFIX, DispatchKeys
+from ..message import TaskError, TaskStatus
+from ..queue import Queue
+from ..records import parse_error
+from ..scripts import Scripts
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from redis.asyncio import Redis
 
-from .connection import unreachable_as_bus_error
-from .errors import BusError, InvalidMessage
-from .keys import DEFAULT_PREFIX, LimitKeys
-from .scripts import Scripts
+from ..connection import unreachable_as_bus_error
+from ..errors import BusError, InvalidMessage
+from ..keys import DEFAULT_PREFIX, LimitKeys
+from ..scripts import Scripts
 
 __all__ = ["LimitExceeded", "UserLimits"]
 
