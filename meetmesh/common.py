@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from shared.bus.errors import BusError
-from shared.bus.queue import Queue
+from shared.bus.queue.queue import Queue
 from shared.bus.settings import BusSettings
 
 T = TypeVar("T")

@@ -9,10 +9,10 @@ import time
 from rich.console import Console
 
 from shared.bus.errors import Retry
-from shared.bus.handlers import Context, Router
-from shared.bus.message import PRIORITIES
-from shared.bus.queue import Queue
-from shared.bus.worker import Worker
+from shared.bus.queue.handlers import Context, Router
+from shared.bus.queue.message import PRIORITIES
+from shared.bus.queue.queue import Queue
+from shared.bus.queue.worker import Worker
 
 COLOURS = {"critical": "bold red", "high": "yellow", "normal": "green", "low": "blue"}
 

@@ -12,11 +12,11 @@ from rich.table import Table
 
 from reliability.cli import register as register_chaos
 from shared.bus.errors import BusError
-from shared.bus.message import PRIORITIES
-from shared.bus.queue import Queue
+from shared.bus.queue.message import PRIORITIES
+from shared.bus.queue.queue import Queue
+from shared.bus.queue.worker import Worker
 from shared.bus.redact import install as install_redaction
 from shared.bus.settings import BusSettings
-from shared.bus.worker import Worker
 
 from .bench.events import bench_events_cmd
 from .bench.ws import bench_ws_cmd

@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from shared.bus.message import PRIORITIES
+from shared.bus.queue.message import PRIORITIES
 
 SUBMIT_ID = "submit"
 

@@ -28,7 +28,7 @@ import zmq.asyncio
 
 from shared.bus.edge.pool import EdgeBridge
 from shared.bus.edge.stackflow import MESSAGE, Template
-from shared.bus.records import percentile
+from shared.bus.queue.records import percentile
 
 TARGET_ADDED_P99_MS = 1.0
 TARGET_TOKEN_RATIO = 0.95

@@ -31,7 +31,7 @@ import typer
 from shared.bus.errors import ConfigError
 from shared.bus.events.base import FASTSTREAM_LOG, EventBus
 from shared.bus.events.catalogue import Event, make_event
-from shared.bus.records import percentile
+from shared.bus.queue.records import percentile
 
 DEFAULT_URLS = {
     "redis": "redis://127.0.0.1:6379/8",  # db 8 for benches; the tests use db 9

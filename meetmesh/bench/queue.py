@@ -16,10 +16,10 @@ import uuid
 from typing import Any
 
 from shared.bus.connection import connect
-from shared.bus.handlers import Context, Router
-from shared.bus.message import Message
-from shared.bus.queue import Queue
-from shared.bus.records import percentile
+from shared.bus.queue.handlers import Context, Router
+from shared.bus.queue.message import Message
+from shared.bus.queue.queue import Queue
+from shared.bus.queue.records import percentile
 
 router = Router()
 

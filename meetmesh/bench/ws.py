@@ -41,7 +41,7 @@ import typer
 
 from gateway.metrics import sample_loop_lag
 from shared.bus import ConfigError, Context, Router
-from shared.bus.records import percentile
+from shared.bus.queue.records import percentile
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/8"  # db 8 for benches; the tests use db 9
 TARGET_SOCKETS = 10_000

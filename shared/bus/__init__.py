@@ -1,5 +1,13 @@
 """MeetMesh's bus: reliable priority task queues on Redis and the worker that runs them; service
-events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-process bus; the scheduler."""
+events (durable and broadcast) on Redis, NATS JetStream or RabbitMQ; the in-process bus; the scheduler.
+
+The layout, one concept per sub-package: ``queue/`` (the queue, leases, worker, handlers, messages and
+records, the limiter, the Lua scripts), ``events/`` (the event bus base and one module per broker, the
+catalogue, the local bus, the scheduler, the AsyncAPI document), ``dispatch/`` (the dispatcher, the
+per-user rate limit, the relay of task updates) and ``edge/`` (the bridge pool, the ZeroMQ link and its
+keys, the StackFlow wire schema and TCP transport). Flat at the top is only what every part shares:
+``errors``, ``keys``, ``settings``, ``connection``, ``backoff``, ``credentials`` and ``redact``. What
+services and clients use is re-exported here (``__all__``); the rest is imported from its sub-package."""
 
 from .backoff import backoff
 from .connection import connect
@@ -23,15 +31,15 @@ from .events.base import BroadcastMessage, DeadEvent, EventBus, EventStats, List
 from .events.catalogue import Event, Payload, make_event
 from .events.local import BusClosed, LocalBus, LocalBusStats
 from .events.scheduler import Firing, Schedule, ScheduleInfo, Scheduler
-from .handlers import Context, Handler, Router
 from .keys import DispatchKeys, EventKeys, LimitKeys, QueueKeys, SchedulerKeys
-from .leases import Delivery
-from .limiter import AdaptiveLimiter
-from .message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
-from .queue import Enqueued, Queue
-from .records import QueueStats
+from .queue.handlers import Context, Handler, Router
+from .queue.leases import Delivery
+from .queue.limiter import AdaptiveLimiter
+from .queue.message import Message, Priority, TaskError, TaskRecord, TaskStatus, new_id
+from .queue.queue import Enqueued, Queue
+from .queue.records import QueueStats
+from .queue.worker import Worker
 from .settings import BusSettings
-from .worker import Worker
 
 __all__ = [
     "AdaptiveLimiter",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import shared.bus
-from shared.bus import scripts
+from shared.bus.queue import scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(shared.bus.__file__).resolve().parent
@@ -61,7 +61,8 @@ def test_public_classes_and_functions_are_documented() -> None:
 
 def test_public_class_names_are_exported() -> None:
     """Every public class defined in the bus's core modules is reachable from ``shared.bus``."""
-    core = ("errors", "handlers", "keys", "limiter", "message", "queue", "records", "settings", "worker")
+    core = ("errors", "queue.handlers", "keys", "queue.limiter", "queue.message", "queue.queue",
+            "queue.records", "settings", "queue.worker")
     exported = {id(getattr(shared.bus, n)) for n in shared.bus.__all__}
     missing = []
     for module_name in core:
@@ -102,20 +103,20 @@ def test_package_data_declares_py_typed_and_every_lua_file() -> None:
 def test_resources_are_reachable_through_importlib() -> None:
     root = files("shared.bus")
     assert root.joinpath("py.typed").is_file()
-    lua = {entry.name for entry in root.joinpath("lua").iterdir() if entry.name.endswith(".lua")}
-    on_disk = {p.name for p in (PACKAGE_DIR / "lua").glob("*.lua")}
+    lua = {entry.name for entry in root.joinpath("queue", "lua").iterdir() if entry.name.endswith(".lua")}
+    on_disk = {p.name for p in (PACKAGE_DIR / "queue" / "lua").glob("*.lua")}
     assert lua == on_disk
     assert "_lib.lua" in lua
 
 
 def test_every_script_is_a_file_and_every_file_is_used() -> None:
     names = set(scripts._NAMES)
-    on_disk = {p.stem for p in (PACKAGE_DIR / "lua").glob("*.lua")} - {"_lib"}
+    on_disk = {p.stem for p in (PACKAGE_DIR / "queue" / "lua").glob("*.lua")} - {"_lib"}
     assert names - on_disk == set(), "scripts.py names scripts that do not exist"
     assert on_disk - names == set(), "Lua files nobody loads (stale after a rename?)"
     for name in names:
         text = scripts.source(name)
-        assert text.startswith(files("shared.bus").joinpath("lua", "_lib.lua").read_text())
+        assert text.startswith(files("shared.bus").joinpath("queue", "lua", "_lib.lua").read_text())
 
 
 async def test_every_script_compiles_in_redis(redis: Any) -> None:
@@ -140,5 +141,5 @@ def test_a_build_ships_py_typed_and_the_lua_scripts(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     built = out / "shared" / "bus"
     assert (built / "py.typed").is_file()
-    expected = sorted(p.name for p in (PACKAGE_DIR / "lua").glob("*.lua"))
-    assert sorted(p.name for p in (built / "lua").glob("*.lua")) == expected
+    expected = sorted(p.name for p in (PACKAGE_DIR / "queue" / "lua").glob("*.lua"))
+    assert sorted(p.name for p in (built / "queue" / "lua").glob("*.lua")) == expected

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from reliability.malformed import EVENT_CASES, RELAY_CASES, WORKER_CASES, run_malformed
-from shared.bus.leases import parse_delivery
+from shared.bus.queue.leases import parse_delivery
 
 
 @pytest.mark.slow

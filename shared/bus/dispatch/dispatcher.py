@@ -30,8 +30,8 @@ from ..connection import unreachable_as_bus_error
 from ..errors import BusConnectionError, ConfigError, InvalidMessage, TaskNotFound
 from ..events.base import EventBus
 from ..keys import DEFAULT_PREFIX, DispatchKeys
-from ..message import Message, TaskRecord, TaskStatus, new_id
-from ..queue import Enqueued, Queue
+from ..queue.message import Message, TaskRecord, TaskStatus, new_id
+from ..queue.queue import Enqueued, Queue
 from .relay import LEASE_SECONDS, Relay, TaskUpdate
 
 __all__ = ["Admission", "Dispatcher", "Submitted", "TaskUpdate"]

@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from ..connection import unreachable_as_bus_error
 from ..errors import BusError, InvalidMessage
 from ..keys import DEFAULT_PREFIX, LimitKeys
-from ..scripts import Scripts
+from ..queue.scripts import Scripts
 
 __all__ = ["LimitExceeded", "UserLimits"]
 

@@ -40,10 +40,10 @@ from ..backoff import backoff
 from ..errors import BusError, ConfigError, InvalidMessage
 from ..events.base import EventBus, check_topic
 from ..keys import DEFAULT_PREFIX, DispatchKeys
-from ..message import TaskError, TaskStatus
-from ..queue import Queue
-from ..records import parse_error
-from ..scripts import Scripts
+from ..queue.message import TaskError, TaskStatus
+from ..queue.queue import Queue
+from ..queue.records import parse_error
+from ..queue.scripts import Scripts
 
 log = logging.getLogger(__name__)
 

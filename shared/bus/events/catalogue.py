@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidMessage, describe
-from ..message import new_id, new_traceparent
+from ..queue.message import new_id, new_traceparent
 
 _TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 _SEGMENT = re.compile(r"^([a-z0-9_-]+|\*)$")

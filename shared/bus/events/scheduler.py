@@ -43,8 +43,8 @@ from redis.asyncio import Redis
 from ..connection import unreachable_as_bus_error
 from ..errors import BusConnectionError, BusError, InvalidMessage, ScheduleNotFound, describe
 from ..keys import DEFAULT_PREFIX, SchedulerKeys, check_name
-from ..message import Message, Priority
-from ..queue import Queue
+from ..queue.message import Message, Priority
+from ..queue.queue import Queue
 
 log = logging.getLogger("meetmesh.scheduler")
 

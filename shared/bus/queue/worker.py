@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError
 
-from .errors import BusConnectionError, RateLimited, Reject, Retry
+from ..errors import BusConnectionError, RateLimited, Reject, Retry
 from .handlers import Context, Handler, Router
 from .leases import MAX_DEQUEUE, Delivery
 from .limiter import AdaptiveLimiter

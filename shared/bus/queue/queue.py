@@ -34,9 +34,9 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from .connection import translates_unreachable, unreachable_as_bus_error
-from .errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound, describe
-from .keys import DEDUPE_SCOPES, DEFAULT_PREFIX, QueueKeys, dedupe_suffix
+from ..connection import translates_unreachable, unreachable_as_bus_error
+from ..errors import BusConnectionError, InvalidMessage, MessageTooLarge, TaskNotFound, describe
+from ..keys import DEDUPE_SCOPES, DEFAULT_PREFIX, QueueKeys, dedupe_suffix
 from .leases import LeaseOps, to_ms
 from .message import Message, TaskRecord, TaskStatus, new_id, new_traceparent
 from .records import QueueStats, parse_record, parse_stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from .errors import InvalidMessage
+from ..errors import InvalidMessage
 from .message import Message, Priority
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import IllegalTransition, InvalidMessage
+from ..errors import IllegalTransition, InvalidMessage
 
 _counter = itertools.count()  # next() on it is atomic under the GIL
 _node = os.urandom(3).hex()

@@ -13,9 +13,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .connection import translates_unreachable, unreachable_as_bus_error
-from .errors import BusError, InvalidMessage, describe
-from .keys import QueueKeys
+from ..connection import translates_unreachable, unreachable_as_bus_error
+from ..errors import BusError, InvalidMessage, describe
+from ..keys import QueueKeys
 from .message import Message
 
 MAX_DEQUEUE = 1000  # messages leased per dequeue call (dequeue-10.lua caps it too)
