@@ -35,7 +35,7 @@ def dead_port() -> int:
 # Every command that talks to Redis, each with arguments valid enough to reach the connection.
 COMMANDS = [
     ("enqueue", "q", "media.cover", "--data", '{"v": 1}'),
-    ("worker", "--queue", "q", "--app", "tests.bus.apps:counting"),
+    ("worker", "--queue", "q", "--app", "tests.bus.queue.apps:counting"),
     ("schedule", "add", "nightly", "--queue", "q", "--type", "reports.daily", "--every", "60"),
     ("queue", "stats", "q"),
     ("dlq", "replay", "q"),

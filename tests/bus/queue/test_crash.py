@@ -1,7 +1,7 @@
 """Crash tests: real worker processes (``python -m meetmesh worker``) killed with SIGKILL or
 stopped with SIGTERM, then checked for lost, repeated or misplaced work.
 
-The handlers live in ``tests/bus/apps.py`` and count their executions in Redis under the test's
+The handlers live in ``tests/bus/queue/apps.py`` and count their executions in Redis under the test's
 key prefix, so the counts survive the process that made them.
 """
 
@@ -25,7 +25,7 @@ from shared.bus import Context, Queue, TaskStatus
 
 from .apps import PIPELINE_STAGES, runs_key, stages_key, started_key, total_key
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 WAIT = 30.0
 
 
@@ -88,8 +88,8 @@ def spawn(redis_url: str, key_prefix: str, tmp_path: Path) -> Iterator[Callable[
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "meetmesh", "worker", "--queue", queue,
-                 "--app", f"tests.bus.apps:{app}", "--concurrency", str(concurrency), "--lease", str(lease),
-                 "--grace", str(grace), "--max-retries", str(max_retries)],
+                 "--app", f"tests.bus.queue.apps:{app}", "--concurrency", str(concurrency),
+                 "--lease", str(lease), "--grace", str(grace), "--max-retries", str(max_retries)],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         child = Child(proc, log)
         children.append(child)

@@ -22,7 +22,7 @@ from shared.bus import InvalidMessage, Reject
 from shared.bus.events.base import EventBus, Retention
 from shared.bus.events.catalogue import Event
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 URLS = {
     "redis": os.environ.get("MEETMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9"),
     "nats": os.environ.get("MEETMESH_TEST_NATS_URL", "nats://127.0.0.1:4222"),
@@ -110,7 +110,7 @@ async def test_subscriber_killed_mid_handler_gets_the_event_again(
     mark = tmp_path / "mark"
     make_bus("meeting")  # so the fixture cleans this service's queues up
     child = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the child is watched below
-        [sys.executable, "-m", "tests.bus.event_child", URLS[backend], prefix, "meeting", str(mark)],
+        [sys.executable, "-m", "tests.bus.events.event_child", URLS[backend], prefix, "meeting", str(mark)],
         cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         ready = Path(str(mark) + ".ready")

@@ -1,6 +1,6 @@
 """Handler routers for worker processes started by the crash tests.
 
-A child worker runs ``python -m meetmesh worker --app tests.bus.apps:<router> ...`` with
+A child worker runs ``python -m meetmesh worker --app tests.bus.queue.apps:<router> ...`` with
 ``MEETMESH_REDIS_URL`` and ``MEETMESH_KEY_PREFIX`` set to the test's Redis and key prefix. The
 handlers record what they did in Redis under ``<prefix>:app:...`` (so the test's clean-up removes
 it), which lets the test count executions after the worker process has been killed.

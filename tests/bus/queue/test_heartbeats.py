@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.bus import Queue, Router, Worker
-from tests.bus.test_crash import Child, spawn, until
+from tests.bus.queue.test_crash import Child, spawn, until
 
 __all__ = ["spawn"]  # the fixture, shared with the crash tests
 

@@ -27,7 +27,7 @@ from shared.bus.errors import ScheduleNotFound
 from shared.bus.events.scheduler import Schedule, Scheduler
 from shared.bus.keys import SchedulerKeys
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class Clock:

@@ -43,7 +43,7 @@ from shared.bus.edge.stackflow import (
 from shared.bus.edge.stackflow_tcp import JsonFramer, StackFlowServer
 from shared.bus.errors import RateLimited
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BEAT = 0.3           # the bridge's heartbeat in these tests: a node silent for 3 beats is dropped
 WAIT = 20.0          # generous deadline for anything to happen
 WORDS = "one two three four five six seven eight"

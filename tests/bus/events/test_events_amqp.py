@@ -14,7 +14,7 @@ from shared.bus import BusConnectionError, ConfigError, EventBus
 from shared.bus.events.amqp import AmqpEventBus
 from shared.bus.events.base import Retention
 from shared.bus.events.catalogue import Event
-from tests.bus.test_events import URLS, MakeBus, created, make_bus, prefix, recorder, until
+from tests.bus.events.test_events import URLS, MakeBus, created, make_bus, prefix, recorder, until
 
 __all__ = ["make_bus", "prefix"]  # the fixtures, shared with the contract suite
 

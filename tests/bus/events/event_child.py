@@ -1,4 +1,5 @@
-"""A subscriber process for the crash test: ``python -m tests.bus.event_child URL PREFIX SERVICE MARK``.
+"""A subscriber process for the crash test:
+``python -m tests.bus.events.event_child URL PREFIX SERVICE MARK``.
 
 It subscribes ``SERVICE`` to ``meeting.*``; on its first event it writes the event id to MARK and
 then hangs in the handler until it is killed, so the event is never acknowledged.
