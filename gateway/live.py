@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.bus import EventBus, TaskStatus
 from shared.bus.dispatch.dispatcher import TaskUpdate
-from shared.bus.dispatch.relay import SeqFilter
+from shared.bus.dispatch.updates import SeqFilter
 
 from .hub import SessionHub
 

@@ -32,7 +32,8 @@ from ..events.base import EventBus
 from ..keys import DEFAULT_PREFIX, DispatchKeys
 from ..queue.message import Message, TaskRecord, TaskStatus, new_id
 from ..queue.queue import Enqueued, Queue
-from .relay import LEASE_SECONDS, Relay, TaskUpdate
+from .relay import LEASE_SECONDS, Relay
+from .updates import TaskUpdate
 
 __all__ = ["Admission", "Dispatcher", "Submitted", "TaskUpdate"]
 

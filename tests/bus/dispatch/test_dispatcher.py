@@ -33,7 +33,8 @@ from shared.bus import (
     connect,
 )
 from shared.bus.dispatch.dispatcher import Dispatcher, TaskUpdate
-from shared.bus.dispatch.relay import LEADER, RELAY_GROUP, SeqFilter, stream_id
+from shared.bus.dispatch.relay import LEADER, RELAY_GROUP
+from shared.bus.dispatch.updates import SeqFilter, stream_id
 from shared.bus.events.base import EventBus, Listener
 from shared.bus.keys import DispatchKeys
 
@@ -1083,7 +1084,7 @@ async def _async_true(get: Callable[[], Awaitable[list[int]]]) -> bool:
 def test_the_relays_fast_update_is_the_model_construct_one() -> None:
     """The relay builds its updates without pydantic's `model_construct` walk over the fields: the
     model must come out the same (dict, fields set, dumps, equality), or a pydantic upgrade broke it."""
-    from shared.bus.dispatch.relay import _UPDATE_FIELDS, _built_update
+    from shared.bus.dispatch.updates import _UPDATE_FIELDS, _built_update
 
     values = {"task_id": "ai.x", "queue": "ai", "type": "ai.chat", "owner": "u", "meeting_id": None,
               "status": TaskStatus.COMPLETED, "progress": None, "delta": None, "result": {"a": [1, 2]},

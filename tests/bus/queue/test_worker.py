@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from shared.bus import Context, Queue, Reject, Retry, Router, TaskStatus, Worker
-from shared.bus.dispatch.relay import stream_id
+from shared.bus.dispatch.updates import stream_id
 
 WAIT = 15.0  # generous: a task that is merely slow never fails a test, only a wrong outcome does
 
